@@ -1,0 +1,3 @@
+from model.gpt import GPT
+
+__all__ = ["GPT"]

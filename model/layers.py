@@ -1,0 +1,169 @@
+"""The building blocks of the GPT, each variant a small module chosen by config.
+
+- Norms: `layernorm` (GPT-2) or `rmsnorm` (no mean, no bias; cheaper, modern default).
+- Positions: learned absolute embeddings live in `GPT`; `rope` (rotary) is applied here to
+  queries and keys, so attention scores depend only on relative offsets.
+- Attention: causal, through `F.scaled_dot_product_attention`, which dispatches to flash
+  kernels on GPU and a fused kernel on CPU. `n_kv_head < n_head` shares each key/value head
+  across a group of query heads (GQA; 1 = multi-query), shrinking the KV cache. Optional
+  QK-norm normalises each head's queries and keys, which keeps logits bounded at high lr.
+- MLP: `gelu` (GPT-2), `swiglu` (gated, LLaMA), `relu2` (squared ReLU, modded-nanogpt).
+
+Every linear layer whose output is added to the residual stream is named `c_proj`; `GPT`
+scales its initialisation with depth (GPT-2's 1/sqrt(2 * n_layer)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-6)
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables; `cos`/`sin` have shape (max_len, head_dim // 2)."""
+
+    def __init__(self, head_dim: int, base: float, max_len: int):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int):
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each (first-half, second-half) pair of x: (B, H, T, D) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
+        kv_dim = self.n_kv_head * self.head_dim
+        # One matmul for queries, keys and values.
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rotary=None, kv_cache=None):
+        """x: (B, T, C). rotary: (cos, sin) for these T positions or None. kv_cache: an object
+        with `update(k, v) -> (k_all, v_all)` holding earlier positions, or None."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        # With a cache, T new queries attend to all S cached keys: causal within the new block,
+        # full over the past. SDPA's is_causal aligns the mask top-left, so build it here.
+        S = k.shape[2]
+        mask = None
+        if S != T and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(S == T and T > 1),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def mlp_width(cfg) -> int:
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":  # 8/3 keeps the parameter count of a 4x ungated MLP
+        return (int(8 * cfg.n_embd / 3) + 63) // 64 * 64
+    return 4 * cfg.n_embd
+
+
+def relu2(x):
+    return F.relu(x).square()
+
+
+class MLP(nn.Module):
+    """Ungated MLP: c_proj(act(c_fc(x)))."""
+
+    def __init__(self, cfg, act):
+        super().__init__()
+        self.act = act
+        self.c_fc = nn.Linear(cfg.n_embd, mlp_width(cfg), bias=cfg.bias)
+        self.c_proj = nn.Linear(mlp_width(cfg), cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: c_proj(silu(gate) * up), gate and up from one fused matmul."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * mlp_width(cfg), bias=cfg.bias)
+        self.c_proj = nn.Linear(mlp_width(cfg), cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+def make_mlp(cfg) -> nn.Module:
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg)
+    return MLP(cfg, {"gelu": F.gelu, "relu2": relu2}[cfg.mlp])
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        norm = NORMS[cfg.norm]
+        self.ln_1 = norm(cfg.n_embd, cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = norm(cfg.n_embd, cfg.bias)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
+        return x + self.mlp(self.ln_2(x))

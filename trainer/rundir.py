@@ -1,0 +1,79 @@
+"""The run folder (`out_dir`): claiming it for a fresh run, or reopening it to resume.
+
+A fresh run into a folder that already holds one is refused unless `overwrite=true`, so a
+repeated command never destroys a trained model. `resume=true` reloads `latest.pt` and refuses a
+config that differs from the checkpoint's, except in keys that cannot change the result
+(`RESUME_SAFE_KEYS`), which are allowed and reported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from trainer.checkpoint import BEST, LATEST, load_checkpoint
+from trainer.config import Config
+from trainer.errors import UserError
+
+RUN_FILES = (LATEST, BEST, "metrics.jsonl", "config.yaml")
+RESUME_SAFE_KEYS = {
+    "train.max_iters", "train.eval_interval", "train.eval_batches", "train.log_interval",
+    "train.compile", "train.threads", "train.device", "data.prepared_dir", "out_dir", "resume", "overwrite",
+}
+
+
+def claim_out_dir(cfg: Config) -> dict | None:
+    """Make out_dir ready for this run; return the checkpoint to resume from, if resuming."""
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"out_dir={cfg.out_dir!r}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={cfg.out_dir!r} is not writable")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume:
+        if not (out / LATEST).is_file():
+            raise UserError(f"resume=true but {out / LATEST} does not exist")
+        return load_checkpoint(out / LATEST)
+    if existing and not cfg.overwrite:
+        raise UserError(f"out_dir={cfg.out_dir!r} already holds a run ({', '.join(existing)}); "
+                        f"pass resume=true to continue it or overwrite=true to start over")
+    for name in existing:
+        (out / name).unlink()
+    return None
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    items = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            items.update(flat(v, f"{prefix}{k}."))
+        else:
+            items[prefix + k] = v
+    return items
+
+
+def check_resume_config(cfg: Config, ckpt: dict, log=print):
+    """Refuse a resume whose config changes anything but the safe keys; log the safe changes."""
+    saved = flat(ckpt["config"])
+    wanted = flat(cfg.to_dict())
+    if wanted.get("model.vocab_size") == 0:  # unresolved: the checkpoint's resolution stands
+        wanted["model.vocab_size"] = saved.get("model.vocab_size")
+    changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+    unsafe = [k for k in changed if k not in RESUME_SAFE_KEYS]
+    if unsafe:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in unsafe)
+        raise UserError(f"cannot resume {cfg.out_dir}: config differs from its checkpoint in {diffs}")
+    for k in changed:
+        if k not in ("resume", "overwrite"):
+            log(f"resume: {k} changed from {saved.get(k)!r} to {wanted.get(k)!r}")
+
+
+def write_config(cfg: Config):
+    path = Path(cfg.out_dir) / "config.yaml"
+    tmp = path.with_name("config.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

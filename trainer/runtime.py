@@ -1,0 +1,102 @@
+"""Where and how the math runs: device, precision, seeds, threads.
+
+`auto` picks cuda, then mps, then cpu. Precision `auto` is bf16 autocast on GPUs that support
+it, fp16 autocast with a gradient scaler on older GPUs, and fp32 on CPU and MPS (CPU bf16 is
+slower than fp32 on most CPUs, and fp32 keeps CPU runs bit-reproducible).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+
+    @property
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device='mps' but MPS is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise UserError("train.dtype=float16 is not supported on CPU; use float32 or bfloat16")
+    return DTYPES[name]
+
+
+def setup_runtime(train_cfg) -> Runtime:
+    device = pick_device(train_cfg.device)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, pick_dtype(train_cfg.dtype, device))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Global RNG states as plain values and tensors (for weights-only checkpoints)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
