@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -60,11 +61,15 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
+        raise UserError(f"{path}: corrupt or truncated checkpoint (not a torch archive)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: refused to load: not a plain checkpoint ({first[:200]})") from None
+        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({culprit.group(1)})" if culprit else ""
+        raise UserError(f"{path}: refused to load: it holds objects other than tensors and plain data{what}, "
+                        f"which could run code") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "model" not in ckpt:
