@@ -108,6 +108,7 @@ def train(cfg):
     bar = tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True)
     run_start = time.perf_counter()
     window_start, window_iters, interval_loss_sum, interval_steps = run_start, 0, 0.0, 0
+    paused_s = 0.0  # time spent evaluating and checkpointing, kept out of tokens/s and train_time_s
     loss_acc = torch.zeros((), device=rt.device)  # summed on device: no sync per step
 
     it = start_iter
@@ -115,15 +116,20 @@ def train(cfg):
         # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end.
         last = it == cfg.train.max_iters
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
+            eval_start = time.perf_counter()
             val_loss = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches)
-            train_loss = interval_loss_sum / max(interval_steps, 1) if interval_steps else None
+            train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
             metrics.write(iter=it, val_loss=val_loss, train_loss=train_loss,
-                          elapsed_s=round(time.perf_counter() - run_start, 3))
+                          elapsed_s=round(eval_start - run_start, 3), train_time_s=round(eval_start - run_start - paused_s, 3))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
             tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f}{' (whole val split)' if last else ''}")
             checkpoint(it, val_loss)
-            window_start = time.perf_counter()  # keep eval time out of tokens/s
+            paused_s += time.perf_counter() - eval_start
+            window_start += time.perf_counter() - eval_start
+            if val_loss <= cfg.train.stop_at_val_loss and not last:
+                tqdm.write(f"val loss {val_loss:.4f} <= train.stop_at_val_loss={cfg.train.stop_at_val_loss}: stopping")
+                break
         if last:
             break
 

@@ -122,10 +122,11 @@ class TrainConfig:
     eval_interval: int = 250  # steps between val-loss estimates (and checkpoints)
     eval_batches: int = 20  # batches per periodic estimate; 0 = the whole split
     log_interval: int = 10  # steps between progress-bar / metrics updates
+    stop_at_val_loss: float = 0.0  # stop at the first evaluation at or below this val loss; 0 = off
 
     def validate(self):
         _positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval")
-        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip")
+        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "stop_at_val_loss")
         _choice(self, "train", "dtype", ("auto", "float32", "bfloat16", "float16"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")

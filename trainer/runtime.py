@@ -64,6 +64,8 @@ def setup_runtime(train_cfg) -> Runtime:
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
