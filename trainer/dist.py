@@ -31,6 +31,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import sys
@@ -187,10 +188,12 @@ def wrap_model(model: torch.nn.Module, d: Dist, train_cfg, rt) -> torch.nn.Modul
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block)
     if d.parallel == "ddp":
-        # No buffers need syncing (rotary tables are computed), and skipping it keeps forward
-        # free of collectives, so ranks may evaluate different numbers of batches.
+        # The only buffers (rotary tables) are computed identically everywhere: no per-forward
+        # broadcast of them (the keyword was renamed in torch 2.13).
+        no_buffer_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
         return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       **{no_buffer_sync: False})
     if d.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
