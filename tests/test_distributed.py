@@ -25,7 +25,7 @@ from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, BLOCK = 4, 32
-TINY = [f"model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"model.block_size={BLOCK}",
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"model.block_size={BLOCK}",
         f"train.batch_size={BATCH}", f"train.tokens_per_step={4 * BATCH * BLOCK}", "train.eval_interval=3",
         "train.eval_batches=2", "train.log_interval=1", "train.device=cpu", "optim.warmup_iters=2",
         "optim.decay_iters=6"]
@@ -37,10 +37,13 @@ def _env():
 
 
 def _train(out_dir, prepared, *overrides, nproc=1, script="train.py"):
+    corpus = Path(prepared).parent / "corpus.txt"
+    if not corpus.exists():  # a small slice keeps the final whole-val-split evaluation short
+        corpus.write_text((REPO / "data/tinyshakespeare/input.txt").read_text()[:60_000])
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, script, str(REPO / "configs/small.yaml"), *TINY, f"data.prepared_dir={prepared}",
+    cmd = [*launcher, script, str(REPO / "configs/small.yaml"), *TINY, f"data.input={corpus}", f"data.prepared_dir={prepared}",
            f"out_dir={out_dir}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
 

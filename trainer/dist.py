@@ -80,7 +80,7 @@ class BatchPlan:
         return self.micro_batch * self.block_size * self.grad_accum * self.world_size
 
     def describe(self) -> str:
-        return (f"{self.micro_batch} sequences × {self.block_size} tokens × {self.grad_accum} micro-steps × "
+        return (f"{self.micro_batch} sequences × {self.block_size} tokens × {self.grad_accum} micro-step{'s' if self.grad_accum > 1 else ''} × "
                 f"{self.world_size} rank{'s' if self.world_size > 1 else ''} = {self.tokens_per_step:,} tokens/step")
 
 
