@@ -118,11 +118,13 @@ def init_distributed(train_cfg, rt) -> Dist:
     if rt.device.type == "cuda":
         rt.device = torch.device("cuda", local_rank)
         torch.cuda.set_device(rt.device)
-    backend = "nccl" if rt.device.type == "cuda" else "gloo"
+    cuda = rt.device.type == "cuda"
+    # device_id binds NCCL to this process's GPU at once (no guessing it from the rank later).
+    group = dict(backend="nccl" if cuda else "gloo", timeout=timeout, device_id=rt.device if cuda else None)
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(**group)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(**group, store=dist.HashStore(), rank=0, world_size=1)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     # torchrun stops the survivors of a failed rank with SIGTERM; say so instead of vanishing.
