@@ -1,6 +1,7 @@
 """Train a GPT.
 
     python train.py configs/small.yaml [key=value ...] [--debug]
+    torchrun --standalone --nproc_per_node=N train.py CONFIG train.parallel=ddp|fsdp [...]   (see trainer/dist.py)
 
 Reads top to bottom: config -> run folder -> data -> model and optimizer -> (resume) -> loop.
 Every knob is a field in trainer/config.py. The loop never synchronises with the GPU except at

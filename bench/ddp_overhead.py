@@ -93,7 +93,7 @@ def main():
         tok_s = measure(mode, cfg, rt, args.iters, args.warmup)
         base = base or tok_s
         mfu = f"{100 * flops_per_token * tok_s / peak:.1f}%" if peak else "n/a"
-        print(f"{mode:6} {tok_s:12,.0f} {tok_s / base - 1:+9.1%} {mfu:>7}", flush=True)
+        print(f"{'plain' if mode == 'none' else mode:6} {tok_s:12,.0f} {tok_s / base - 1:+9.1%} {mfu:>7}", flush=True)
     shutdown(d)
 
 

@@ -43,8 +43,8 @@ def _train(out_dir, prepared, *overrides, nproc=1, script="train.py"):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, script, str(REPO / "configs/small.yaml"), *TINY, f"data.input={corpus}", f"data.prepared_dir={prepared}",
-           f"out_dir={out_dir}", *overrides]
+    cmd = [*launcher, script, str(REPO / "configs/small.yaml"), *TINY, f"data.input={corpus}",
+           f"data.prepared_dir={prepared}", f"out_dir={out_dir}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 

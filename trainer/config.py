@@ -122,9 +122,9 @@ class TrainConfig:
     eval_interval: int = 250  # steps between val-loss estimates (and checkpoints)
     eval_batches: int = 20  # batches per periodic estimate; 0 = the whole split
     log_interval: int = 10  # steps between progress-bar / metrics updates
-    parallel: str = "none"  # none | ddp | fsdp (FSDP2: shards parameters, gradients, optimizer state); see README "Scaling out"
-    tokens_per_step: int = 0  # tokens per optimizer step over all ranks; 0 = batch_size*block_size*grad_accum*world, else grad_accum is derived
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    parallel: str = "none"  # none | ddp | fsdp (FSDP2: sharded parameters, gradients, optimizer state); under torchrun
+    tokens_per_step: int = 0  # all ranks' tokens per optimizer step, derives grad_accum; 0 = batch*block*accum*world
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     dist_timeout_s: int = 300  # a collective waiting longer than this ends the job with an error
 
     def validate(self):
@@ -134,7 +134,8 @@ class TrainConfig:
         _choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
         if self.tokens_per_step and self.grad_accum != 1:
             raise UserError(f"train.grad_accum={self.grad_accum} conflicts with train.tokens_per_step="
-                            f"{self.tokens_per_step}: accumulation is derived from tokens_per_step; leave grad_accum at 1")
+                            f"{self.tokens_per_step}: accumulation is derived from tokens_per_step; "
+                            f"leave grad_accum at 1")
         _choice(self, "train", "dtype", ("auto", "float32", "bfloat16", "float16"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")

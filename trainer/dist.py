@@ -80,8 +80,11 @@ class BatchPlan:
         return self.micro_batch * self.block_size * self.grad_accum * self.world_size
 
     def describe(self) -> str:
-        return (f"{self.micro_batch} sequences × {self.block_size} tokens × {self.grad_accum} micro-step{'s' if self.grad_accum > 1 else ''} × "
-                f"{self.world_size} rank{'s' if self.world_size > 1 else ''} = {self.tokens_per_step:,} tokens/step")
+        def n(count, noun):
+            return f"{count} {noun}{'s' if count != 1 else ''}"
+        return (f"{n(self.micro_batch, 'sequence')} × {self.block_size} tokens × "
+                f"{n(self.grad_accum, 'micro-step')} × {n(self.world_size, 'rank')} = "
+                f"{self.tokens_per_step:,} tokens/step")
 
 
 def plan_batches(train_cfg, block_size: int, world_size: int) -> BatchPlan:
@@ -115,10 +118,10 @@ def init_distributed(train_cfg, rt) -> Dist:
                         "use train.dtype=bfloat16 or float32")
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     timeout = timedelta(seconds=train_cfg.dist_timeout_s)
-    if rt.device.type == "cuda":
+    cuda = rt.device.type == "cuda"
+    if cuda:
         rt.device = torch.device("cuda", local_rank)
         torch.cuda.set_device(rt.device)
-    cuda = rt.device.type == "cuda"
     # device_id binds NCCL to this process's GPU at once (no guessing it from the rank later).
     group = dict(backend="nccl" if cuda else "gloo", timeout=timeout, device_id=rt.device if cuda else None)
     if "RANK" in os.environ:
