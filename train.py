@@ -62,6 +62,7 @@ def vocab_for_model(tokenizer_vocab: int) -> int:
 def train(cfg):
     rt = setup_runtime(cfg.train)
     d = init_distributed(cfg.train, rt)
+    plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # refuses an impossible split early
     ckpt = open_out_dir(cfg, d)
     if ckpt is not None:
         check_resume_config(cfg, ckpt, log=tqdm.write)
@@ -89,7 +90,6 @@ def train(cfg):
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
-    plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)
     loader = GlobalRandomWindows(train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, rt.device,
                                  d.rank, d.world_size, plan.grad_accum)
     start_iter, best_val = 0, math.inf
