@@ -123,10 +123,20 @@ class TrainConfig:
     eval_batches: int = 20  # batches per periodic estimate; 0 = the whole split
     log_interval: int = 10  # steps between progress-bar / metrics updates
     stop_at_val_loss: float = 0.0  # stop at the first evaluation at or below this val loss; 0 = off
+    parallel: str = "none"  # none | ddp | fsdp (FSDP2: sharded parameters, gradients, optimizer state); under torchrun
+    tokens_per_step: int = 0  # all ranks' tokens per optimizer step, derives grad_accum; 0 = batch*block*accum*world
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
+    dist_timeout_s: int = 300  # a collective waiting longer than this ends the job with an error
 
     def validate(self):
-        _positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval")
-        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "stop_at_val_loss")
+        _positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
+                  "dist_timeout_s")
+        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss")
+        _choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
+        if self.tokens_per_step and self.grad_accum != 1:
+            raise UserError(f"train.grad_accum={self.grad_accum} conflicts with train.tokens_per_step="
+                            f"{self.tokens_per_step}: accumulation is derived from tokens_per_step; "
+                            f"leave grad_accum at 1")
         _choice(self, "train", "dtype", ("auto", "float32", "bfloat16", "float16"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
@@ -149,6 +159,9 @@ class Config:
             raise UserError("out_dir is empty")
         if self.resume and self.overwrite:
             raise UserError("resume=true and overwrite=true contradict each other; pick one")
+        if self.train.parallel == "fsdp" and self.optim.optimizer == "muon":
+            raise UserError("optim.optimizer=muon does not work with train.parallel=fsdp (Newton-Schulz needs whole "
+                            "matrices, FSDP holds shards); use train.parallel=ddp or optim.optimizer=adamw")
         return self
 
     def to_dict(self) -> dict:

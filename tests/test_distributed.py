@@ -1,0 +1,202 @@
+"""Data parallelism on CPU with gloo: real torchrun launches of train.py on a tiny model.
+
+The equality tests compare final parameters, not losses: 2 processes (DDP or FSDP2) with
+accumulation 2 must end where 1 process with accumulation 4 ends over the same global batches.
+Every run's optimizer schedule is pinned (`optim.decay_iters`), so a run stopped at step 3 and
+resumed to step 6 follows the same schedule as one that goes straight to 6.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.global_batches import GlobalRandomWindows
+from data.loader import TokenSplit
+from trainer.config import load_config
+from trainer.dist import plan_batches
+from trainer.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, BLOCK = 4, 32
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"model.block_size={BLOCK}",
+        f"train.batch_size={BATCH}", f"train.tokens_per_step={4 * BATCH * BLOCK}", "train.eval_interval=3",
+        "train.eval_batches=2", "train.log_interval=1", "train.device=cpu", "optim.warmup_iters=2",
+        "optim.decay_iters=6"]
+TIMEOUT_S = 120  # a hang fails the test instead of stalling the suite
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _train(out_dir, prepared, *overrides, nproc=1, script="train.py"):
+    corpus = Path(prepared).parent / "corpus.txt"
+    if not corpus.exists():  # a small slice keeps the final whole-val-split evaluation short
+        corpus.write_text((REPO / "data/tinyshakespeare/input.txt").read_text()[:60_000])
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, script, str(REPO / "configs/small.yaml"), *TINY, f"data.input={corpus}",
+           f"data.prepared_dir={prepared}", f"out_dir={out_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _params(out_dir):
+    return torch.load(Path(out_dir) / "latest.pt", weights_only=True)["model"]
+
+
+def _assert_same_params(a_dir, b_dir, atol):
+    a, b = _params(a_dir), _params(b_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run folders, each trained on first use: one-process references to steps 3 and 6."""
+    root = tmp_path_factory.mktemp("dist")
+    prepared = root / "prepared"
+    cache = {}
+
+    def get(name, *overrides, nproc=1):
+        if name not in cache:
+            _ok(_train(root / name, prepared, *overrides, nproc=nproc))
+            cache[name] = root / name
+        return cache[name]
+
+    get.root, get.prepared = root, prepared
+    return get
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_accumulation(runs, parallel):
+    one = runs("one-3", "train.max_iters=3")
+    two = runs(f"{parallel}-3", "train.max_iters=3", f"train.parallel={parallel}", nproc=2)
+    _assert_same_params(one, two, atol=1e-5)
+    # Only rank 0 writes the metrics: one val line per evaluation, not one per rank.
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert sum('"val_loss"' in line for line in lines) == 1
+
+
+def test_fsdp_checkpoint_loads_in_one_process_for_sampling(runs):
+    from sample import load_model
+    two = runs("fsdp-3", "train.max_iters=3", "train.parallel=fsdp", nproc=2)
+    model, _, _ = load_model(str(two), torch.device("cpu"))
+    assert not any(hasattr(p, "placements") for p in model.parameters())  # plain tensors, not DTensors
+
+
+def test_resume_two_process_run_in_one_process(runs):
+    two = runs("ddp-3", "train.max_iters=3", "train.parallel=ddp", nproc=2)
+    resumed = runs.root / "ddp-3-then-one"
+    subprocess.run(["cp", "-r", str(two), str(resumed)], check=True)
+    result = _ok(_train(resumed, runs.prepared, "train.max_iters=6", "resume=true"))
+    assert "parallel none" in result.stdout and "4 micro-steps × 1 rank" in result.stdout
+    straight = runs("one-6", "train.max_iters=6")
+    _assert_same_params(straight, resumed, atol=1e-5)
+
+
+def test_dead_rank_ends_the_job_with_an_error(runs, tmp_path):
+    # Rank 1 vanishes (as if killed) at its third micro-batch, in the middle of training.
+    script = tmp_path / "dying_train.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from data.global_batches import GlobalRandomWindows
+        real_next_batch, calls = GlobalRandomWindows.next_batch, []
+        def next_batch(self):
+            calls.append(1)
+            if os.environ["RANK"] == "1" and len(calls) == 3:
+                os._exit(7)
+            return real_next_batch(self)
+        GlobalRandomWindows.next_batch = next_batch
+        import train
+        train.main()
+    """))
+    result = _train(tmp_path / "out", runs.prepared, "train.max_iters=6", "train.parallel=ddp",
+                    "train.dist_timeout_s=30", nproc=2, script=str(script))
+    assert result.returncode != 0
+    report = result.stdout + result.stderr
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*7", report), report[-3000:]
+    assert not (tmp_path / "out" / "latest.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader and the batch arithmetic, in process
+
+
+@pytest.fixture(scope="module")
+def train_split(runs):
+    runs("one-3", "train.max_iters=3")  # prepares the data
+    return TokenSplit(runs.prepared, "train")
+
+
+def _draw(split, rank, world, accum, steps=3, state=None):
+    loader = GlobalRandomWindows(split, BATCH, BLOCK, seed=5, device=torch.device("cpu"), rank=rank,
+                                 world_size=world, grad_accum=accum)
+    if state is not None:
+        loader.load_state(state)
+    batches = [loader.next_batch()[0].numpy() for _ in range(steps * accum)]
+    return batches, loader.state()
+
+
+def test_ranks_read_disjoint_rows_that_make_up_the_one_process_batch(train_split):
+    one, _ = _draw(train_split, rank=0, world=1, accum=4)
+    r0, _ = _draw(train_split, rank=0, world=2, accum=2)
+    r1, _ = _draw(train_split, rank=1, world=2, accum=2)
+    for step in range(3):
+        rows0 = np.concatenate(r0[2 * step:2 * step + 2])
+        rows1 = np.concatenate(r1[2 * step:2 * step + 2])
+        assert not {r.tobytes() for r in rows0} & {r.tobytes() for r in rows1}
+        assert np.array_equal(np.concatenate([rows0, rows1]), np.concatenate(one[4 * step:4 * step + 4]))
+
+
+def test_loader_state_continues_on_another_world_size(train_split):
+    _, state = _draw(train_split, rank=0, world=2, accum=2, steps=2)
+    continued, _ = _draw(train_split, rank=1, world=2, accum=2, steps=1, state=state)
+    as_one, _ = _draw(train_split, rank=0, world=1, accum=4, steps=1, state=state)
+    assert np.array_equal(np.concatenate(continued), np.concatenate(as_one[2:]))
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_batch_plan_derives_accumulation_and_refuses_impossible_totals():
+    plan = plan_batches(_cfg("train.batch_size=4", "train.tokens_per_step=4096").train, 128, 2)
+    assert (plan.grad_accum, plan.tokens_per_step) == (4, 4096)
+    assert "4 sequences × 128 tokens × 4 micro-steps × 2 ranks = 4,096 tokens/step" == plan.describe()
+    with pytest.raises(UserError, match=r"train.tokens_per_step=4096 is not a multiple .* = 1536"):
+        plan_batches(_cfg("train.batch_size=4", "train.tokens_per_step=4096").train, 128, 3)
+    legacy = plan_batches(_cfg("train.batch_size=4", "train.grad_accum=3").train, 128, 2)
+    assert legacy.tokens_per_step == 4 * 128 * 3 * 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.tokens_per_step=4096", "train.grad_accum=2"], "train.grad_accum=2 conflicts"),
+    (["train.parallel=fsdp", "optim.optimizer=muon"], "muon does not work with train.parallel=fsdp"),
+    (["train.parallel=zero"], "train.parallel='zero' is not one of"),
+])
+def test_config_refuses_contradictions(overrides, message):
+    with pytest.raises(UserError, match=message):
+        _cfg(*overrides)
+
+
+def test_many_processes_without_a_parallel_mode_is_an_error(monkeypatch):
+    from trainer.dist import init_distributed
+    from trainer.runtime import setup_runtime
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = _cfg("train.device=cpu").train
+    with pytest.raises(UserError, match="launched as 2 processes but train.parallel=none"):
+        init_distributed(cfg, setup_runtime(cfg))
