@@ -9,9 +9,11 @@ glob (`data/**/*.jsonl`), or `hf:NAME[:SPLIT]` for a Hugging Face dataset. Forma
 
 Design decisions:
 - Memory stays flat whatever the corpus size: a text file is read in `CHUNK_BYTES` chunks and
-  yielded as pieces of one document; records are yielded one at a time. A piece is cut after a
+  yielded as pieces of one document; records are yielded one at a time. A piece ends after a
   newline that sits between two non-space characters, where GPT-style pre-tokenization cuts
-  anyway, so encoding pieces gives the tokens encoding the whole file would.
+  anyway, so encoding pieces gives the tokens encoding the whole file would. Text without such
+  a newline is cut at the last whitespace, or anywhere in a long run of none: the tokens may
+  then differ slightly at the cut, and decoding still gives the text back exactly.
 - Invalid UTF-8 is replaced with U+FFFD, never fatal; every replacement is counted per file so
   prep can report it.
 - A file found inside a directory that looks binary (a NUL byte in its first 8 KiB, or a
@@ -27,7 +29,6 @@ import codecs
 import glob
 import gzip
 import json
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ HF_PREFIX = "hf:"
 TEXT_SUFFIXES = (".txt", ".md")
 BINARY_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst", ".7z", ".tar", ".png", ".jpg", ".jpeg", ".gif",
                    ".pdf", ".bin", ".npy", ".pt", ".pyc", ".so", ".exe")
-_SAFE_CUT = re.compile(r"\S\n(?=\S)")
 _CUT_SEARCH = 1 << 16  # look for a safe cut in the last 64 Ki characters of a piece
 
 
@@ -174,12 +174,16 @@ def read_text_pieces(path: Path, utf8: Utf8Errors, cut_at: int | None = None,
 
 
 def _safe_cut(text: str) -> int:
-    """Index just after the last newline between two non-space characters, 0 if none."""
-    start = max(len(text) - _CUT_SEARCH, 0)
-    last = None
-    for last in _SAFE_CUT.finditer(text, start):
-        pass
-    return last.start() + 2 if last else 0
+    """Where to end a piece: just after the last newline between two non-space characters in
+    the last _CUT_SEARCH characters (where pre-tokenization cuts anyway); failing that, after the
+    last newline or space; failing that (a long run with no whitespace), at the end."""
+    stop = max(len(text) - _CUT_SEARCH, 1)
+    p = text.rfind("\n", stop, len(text) - 1)
+    while p > 0:
+        if not text[p - 1].isspace() and not text[p + 1].isspace():
+            return p + 1
+        p = text.rfind("\n", stop, p)
+    return max(text.rfind("\n"), text.rfind(" ")) + 1 or len(text)
 
 
 def read_records(source: Source, text_field: str, utf8: Utf8Errors,

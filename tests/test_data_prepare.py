@@ -142,6 +142,10 @@ def test_large_document_streams_in_pieces_with_identical_tokens(tmp_path, monkey
     pieces = [p for p, _ in sources.read_text_pieces(tmp_path / "big.txt", utf8)]
     assert len(pieces) > 10 and "".join(pieces) == text
     assert max(map(len, pieces)) < 2 * 997
+    (tmp_path / "cjk.txt").write_text("日本語のテキスト" * 2000, encoding="utf-8")  # no whitespace at all
+    cjk = [p for p, _ in sources.read_text_pieces(tmp_path / "cjk.txt", utf8)]
+    assert "".join(cjk) == "日本語のテキスト" * 2000 and max(map(len, cjk)) <= 997
+    (tmp_path / "cjk.txt").unlink()
     out = prepare([str(tmp_path)], "gpt2", tmp_path / "out", 0.5, log=quiet, shard_tokens=500)
     tok = from_state(read_meta(out)["tokenizer"])
     streams = split_tokens(out, "train") + split_tokens(out, "val")
