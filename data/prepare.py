@@ -98,6 +98,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def read_meta(out_dir: Path) -> dict | None:
     try:
         return json.loads((Path(out_dir) / "meta.json").read_text())
@@ -143,7 +149,7 @@ def prepare(inputs: list[str], tokenizer: str = "char", out_dir: str | Path | No
             raise UserError(f"data.input: the corpus is empty ({', '.join(inputs)})")
         _clear(out_dir, old)
         corpus = Corpus(sources, described, val_fraction, text_field)
-        workers = workers or len(os.sched_getaffinity(0))
+        workers = workers or _usable_cpus()
         tok = _build_tokenizer(tokenizer, corpus, bpe_vocab_size, bpe_sample_mb, workers, out_dir, log)
         meta = _encode(corpus, tok, out_dir, workers, shard_tokens, log)
         meta.update(settings=settings, sources=described, fingerprint=fp)

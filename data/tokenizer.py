@@ -111,8 +111,9 @@ class TiktokenTokenizer:
             first_line = (str(e).splitlines() or [""])[0][:200]
             raise UserError(
                 f"could not load the tiktoken vocabulary {name!r} ({type(e).__name__}: {first_line}); "
-                f"tiktoken downloads it once on first use, so connect once, or copy tiktoken's cached "
-                f"files into a folder and point TIKTOKEN_CACHE_DIR at it") from None
+                f"tiktoken downloads it on first use. To pre-seed it, run TIKTOKEN_CACHE_DIR=DIR python -c "
+                f"\"import tiktoken; tiktoken.get_encoding('{name}')\" on a machine with network, copy DIR "
+                f"here and set TIKTOKEN_CACHE_DIR=DIR") from None
         return cls(name, params["mergeable_ranks"], params["pat_str"], params["special_tokens"])
 
     @classmethod

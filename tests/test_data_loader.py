@@ -151,3 +151,15 @@ def test_eval_windows_cover_the_split_and_split_across_ranks(tmp_path):
     fixed = [x for x, _ in eval_windows(data, 3, 7, CPU, max_batches=2)]
     again = [x for x, _ in eval_windows(data, 3, 7, CPU, max_batches=2)]
     assert all(torch.equal(a, b) for a, b in zip(fixed, again))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, non_blocking copies)")
+@pytest.mark.parametrize("sampling", ["random", "epoch"])
+def test_cuda_batches_match_cpu(tmp_path, sampling):
+    data = make_split(tmp_path, [700, 300])
+    gpu = build_loader(sampling, data, 8, 16, seed=5, device=torch.device("cuda"))
+    cpu = build_loader(sampling, data, 8, 16, seed=5, device=CPU)
+    for _ in range(10):
+        (gx, gy), (cx, cy) = gpu.next_batch(), cpu.next_batch()
+        assert gx.is_cuda and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
+    assert gpu.state() == cpu.state()
