@@ -39,9 +39,6 @@ import torch
 
 from trainer.errors import UserError
 
-SAMPLING = ("random", "epoch")
-
-
 class TokenSplit:
     def __init__(self, prepared_dir: str | Path, split: str):
         prepared_dir = Path(prepared_dir)
@@ -90,7 +87,8 @@ class _Windows:
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self._pin = self.device.type == "cuda"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader") if prefetch else None
-        self._ahead = None  # (future of the prepared batch, position after it)
+        self._ahead = None  # (the batch prepared ahead, or its future; the position after it)
+        self._handed = None  # the position after the last batch handed out, while one is ahead
 
     def _draw(self) -> np.ndarray:
         raise NotImplementedError
@@ -198,12 +196,14 @@ class EpochWindows(_Windows):
         self.epoch, self.pos = int(position["epoch"]), int(position["position"])
 
 
+SAMPLERS = {"random": RandomWindows, "epoch": EpochWindows}
+
+
 def build_loader(sampling: str, data: TokenSplit, batch_size: int, block_size: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1) -> _Windows:
-    loaders = {"random": RandomWindows, "epoch": EpochWindows}
-    if sampling not in loaders:
-        raise UserError(f"data.sampling={sampling!r} is not one of: {', '.join(loaders)}")
-    return loaders[sampling](data, batch_size, block_size, seed, device, rank, world_size)
+    if sampling not in SAMPLERS:
+        raise UserError(f"data.sampling={sampling!r} is not one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[sampling](data, batch_size, block_size, seed, device, rank, world_size)
 
 
 def eval_windows(data: TokenSplit, batch_size: int, block_size: int, device: torch.device,

@@ -194,7 +194,7 @@ def read_records(source: Source, text_field: str, utf8: Utf8Errors,
     elif source.kind == "parquet":
         yield from _read_parquet(source.path, text_field, progress)
     elif source.kind == "hf":
-        yield from _read_hf(source.name, text_field)
+        yield from _read_hf(source.name, text_field, progress)
     else:
         raise ValueError(f"not a record source: {source}")
 
@@ -240,18 +240,19 @@ def _read_parquet(path: Path, text_field: str, progress) -> Iterator[str]:
     if text_field not in pf.schema_arrow.names:
         raise UserError(f"{path}: no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names[:8])}); "
                         f"set it with --text-field / data.text_field")
-    size, groups = path.stat().st_size, max(pf.num_row_groups, 1)
-    for group in range(pf.num_row_groups):
-        column = pf.read_row_group(group, columns=[text_field]).column(0)
-        for i, text in enumerate(column.to_pylist()):
+    size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):  # bounded, whatever the row groups
+        for text in batch.column(0).to_pylist():
+            row += 1
             if text is not None and not isinstance(text, str):
-                raise UserError(f"{path}: row group {group}, row {i}: column {text_field!r} is not text")
+                raise UserError(f"{path}: row {row}: column {text_field!r} is not text")
             if text:
                 yield text
-        progress(size // groups)
+        progress(size * batch.num_rows // rows)
 
 
-def _read_hf(name: str, text_field: str) -> Iterator[str]:
+def _read_hf(name: str, text_field: str, progress) -> Iterator[str]:
     dataset, _, split = name[len(HF_PREFIX):].partition(":")
     try:
         import datasets
@@ -264,6 +265,7 @@ def _read_hf(name: str, text_field: str) -> Iterator[str]:
                 raise UserError(f"{name}: record {i} has no {text_field!r} field (keys: {', '.join(list(record)[:8])}); "
                                 f"set it with --text-field / data.text_field")
             if record[text_field]:
+                progress(len(record[text_field]))  # characters, for the MB/s of the progress bar
                 yield record[text_field]
     except UserError:
         raise
