@@ -38,7 +38,6 @@ from trainer.errors import UserError
 
 CHUNK_BYTES = 1 << 20
 HF_PREFIX = "hf:"
-TEXT_SUFFIXES = (".txt", ".md")
 BINARY_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst", ".7z", ".tar", ".png", ".jpg", ".jpeg", ".gif",
                    ".pdf", ".bin", ".npy", ".pt", ".pyc", ".so", ".exe")
 _CUT_SEARCH = 1 << 16  # look for a safe cut in the last 64 Ki characters of a piece
@@ -94,7 +93,7 @@ def resolve_sources(inputs: list[str], resolve_path: Callable[[str], Path], warn
         if given.startswith(HF_PREFIX):
             sources.append(Source("hf", None, given))
             continue
-        if glob.has_magic(given):
+        if any(c in given for c in "*?["):  # a glob
             matches = sorted(glob.glob(str(Path(given).expanduser()), recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
             if not files:
