@@ -366,3 +366,17 @@ def test_command_line_error_is_one_line(tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: data.input: no such file or folder: {tmp_path / 'missing.txt'}"
+
+
+def test_concurrent_preps_of_one_folder_prepare_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "in").mkdir()
+    for i, d in enumerate(make_docs(30)):
+        (tmp_path / "in" / f"{i}.txt").write_text(d, encoding="utf-8")
+    logs = []
+    with ThreadPoolExecutor(3) as pool:  # as every rank of a distributed run calls prepare
+        outs = list(pool.map(lambda _: prepare([str(tmp_path / "in")], "char", tmp_path / "out", 0.3,
+                                               log=logs.append), range(3)))
+    assert len(set(outs)) == 1 and sum(line.startswith("preparing") for line in logs) == 1
+    assert documents(outs[0], "train") and documents(outs[0], "val")
