@@ -27,7 +27,8 @@ Design decisions:
 - The split is by document and deterministic: a document is in val when the first 64 bits of
   the sha256 of its content, as a fraction of 2^64, fall below val_fraction. Adding files never
   moves an old document between splits, and duplicates land together. A corpus of one text file
-  (Tiny Shakespeare) is split by position instead: its first (1 - val_fraction) of bytes train.
+  (Tiny Shakespeare) is split by position instead, as nanoGPT does: it is encoded whole, then
+  its last val_fraction of tokens is moved to val (copied in bounded chunks, then truncated).
 - The `char` tokenizer's vocabulary is the corpus's character set, so it costs one extra,
   cheap pass over the corpus before encoding; `bpe` learns its merges from the first
   `bpe_sample_mb` MB of the train split (the whole split when 0) before encoding.
@@ -246,18 +247,17 @@ class Corpus:
         self.utf8 = Utf8Errors()
 
     def pieces(self, progress=lambda n: None) -> Iterator[tuple[str, str, bool]]:
+        """A single document streams wholly as train; `_encode` moves its tail to val."""
         self.utf8.by_source.clear()  # each pass counts afresh
         if self.by_position:
-            src = self.sources[0]
-            cut = round(src.size * (1 - self.val_fraction))
-            for text, past_cut in read_text_pieces(src.path, self.utf8, cut, progress):
-                yield text, "val" if past_cut else "train", False
+            for text in read_text_pieces(self.sources[0].path, self.utf8, progress):
+                yield text, "train", False
             return
         for src, d in zip(self.sources, self.described):
             if src.kind == "text":
                 split = content_split(bytes.fromhex(d["sha256"]), self.val_fraction)
                 previous = None  # hold one piece back to know which piece ends the document
-                for text, _ in read_text_pieces(src.path, self.utf8, progress=progress):
+                for text in read_text_pieces(src.path, self.utf8, progress):
                     if previous is not None:
                         yield previous, split, False
                     previous = text
@@ -354,6 +354,28 @@ class ShardWriter:
             self._file = None
 
 
+def _move_tail(train: ShardWriter, val: ShardWriter, n_val: int):
+    """Move the last n_val tokens written to `train` into `val`, in bounded chunks: a single
+    document splits by token position, and its length is known only once it is encoded."""
+    shards = train.finish()
+    keep = sum(s["tokens"] for s in shards) - n_val
+    train.shards, start = [], 0
+    for shard in shards:
+        path, n = train.out_dir / shard["file"], shard["tokens"]
+        cut = min(max(keep - start, 0), n)
+        if cut < n:
+            tokens = np.memmap(path, dtype=train.dtype, mode="r")
+            for i in range(cut, n, BATCH_CHARS):
+                val.write(np.array(tokens[i:min(i + BATCH_CHARS, n)]))
+            del tokens
+            os.truncate(path, cut * train.dtype.itemsize)
+        if cut:
+            train.shards.append({"file": shard["file"], "tokens": cut})
+        else:
+            path.unlink()
+        start += n
+
+
 def _batches(pieces: Iterator[tuple[str, str, bool]], max_chars: int) -> Iterator[list]:
     batch, size = [], 0
     for piece in pieces:
@@ -399,6 +421,10 @@ def _encode(corpus: Corpus, tok, out_dir: Path, workers: int, shard_tokens: int,
                     drain()
             while pending:
                 drain()
+        if corpus.by_position:
+            tokens["val"] = int(tokens["train"] * corpus.val_fraction)
+            tokens["train"] -= tokens["val"]
+            _move_tail(writers["train"], writers["val"], tokens["val"])
         splits = {split: w.finish() for split, w in writers.items()}
     except BaseException:
         for w in writers.values():

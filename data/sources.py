@@ -143,33 +143,21 @@ class Utf8Errors:
         return sum(self.by_source.values())
 
 
-def read_text_pieces(path: Path, utf8: Utf8Errors, cut_at: int | None = None,
-                     progress: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, bool]]:
-    """Yield (piece, past_cut) over a text file, pieces of about CHUNK_BYTES. With `cut_at`, no
-    piece spans that byte offset, and `past_cut` says which side of it a piece lies (a position
-    split); a character that straddles the offset goes to the far side."""
+def read_text_pieces(path: Path, utf8: Utf8Errors,
+                     progress: Callable[[int], None] = lambda n: None) -> Iterator[str]:
+    """Yield a text file in pieces of about CHUNK_BYTES, cut where `_safe_cut` says."""
     decoder = utf8.decoder(str(path))
-    carry, pos, past_cut = "", 0, False
+    carry = ""
     with open(path, "rb") as f:
-        while True:
-            limit = CHUNK_BYTES if past_cut or cut_at is None else min(CHUNK_BYTES, cut_at - pos)
-            data = f.read(limit) if limit else b""
-            pos += len(data)
+        while data := f.read(CHUNK_BYTES):
             progress(len(data))
-            at_cut = not past_cut and cut_at is not None and pos == cut_at
-            text = carry + decoder.decode(data, final=not data and not at_cut)
-            if not data or at_cut:
-                if text:
-                    yield text, past_cut
-                carry = ""
-                if at_cut:
-                    past_cut = True
-                    continue
-                return
+            text = carry + decoder.decode(data)
             cut = _safe_cut(text)
             if cut:
-                yield text[:cut], past_cut
+                yield text[:cut]
             carry = text[cut:]
+    if text := carry + decoder.decode(b"", final=True):
+        yield text
 
 
 def _safe_cut(text: str) -> int:

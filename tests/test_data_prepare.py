@@ -118,17 +118,22 @@ def test_glob_and_text_field(tmp_path):
     assert sorted(documents(out, "train") + documents(out, "val")) == sorted(docs)
 
 
-def test_single_document_splits_by_position(tmp_path):
+@pytest.mark.parametrize("shard_tokens", [100_000_000, 997])
+def test_single_document_splits_by_token_position(tmp_path, monkeypatch, shard_tokens):
     gpt2_or_skip()
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # streamed in pieces all the same
     text = "".join(make_docs(200))
     (tmp_path / "novel.txt").write_text(text, encoding="utf-8")
-    out = prepare([str(tmp_path / "novel.txt")], "gpt2", tmp_path / "out", 0.1, log=quiet)
+    out = prepare([str(tmp_path / "novel.txt")], "gpt2", tmp_path / "out", 0.1, log=quiet, shard_tokens=shard_tokens)
     meta = read_meta(out)
     assert meta["split_by"] == "position" and meta["eot_id"] is None
     tok = from_state(meta["tokenizer"])
-    train, val = tok.decode(split_tokens(out, "train")), tok.decode(split_tokens(out, "val"))
-    assert train + val == text
-    assert abs(len(val.encode()) - 0.1 * len(text.encode())) <= 4
+    expected = tok.encode(text)
+    n_val = int(len(expected) * 0.1)
+    assert split_tokens(out, "train") == expected[:-n_val] and split_tokens(out, "val") == expected[-n_val:]
+    listed = {s["file"] for shards in meta["splits"].values() for s in shards}
+    assert {f.name for f in out.glob("*.bin")} == listed
+    assert all(0 < s["tokens"] <= shard_tokens for shards in meta["splits"].values() for s in shards)
 
 
 def test_large_document_streams_in_pieces_with_identical_tokens(tmp_path, monkeypatch):
@@ -139,11 +144,11 @@ def test_large_document_streams_in_pieces_with_identical_tokens(tmp_path, monkey
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     (tmp_path / "other.txt").write_text("a second document", encoding="utf-8")
     utf8 = sources.Utf8Errors()
-    pieces = [p for p, _ in sources.read_text_pieces(tmp_path / "big.txt", utf8)]
+    pieces = list(sources.read_text_pieces(tmp_path / "big.txt", utf8))
     assert len(pieces) > 10 and "".join(pieces) == text
     assert max(map(len, pieces)) < 2 * 997
     (tmp_path / "cjk.txt").write_text("日本語のテキスト" * 2000, encoding="utf-8")  # no whitespace at all
-    cjk = [p for p, _ in sources.read_text_pieces(tmp_path / "cjk.txt", utf8)]
+    cjk = list(sources.read_text_pieces(tmp_path / "cjk.txt", utf8))
     assert "".join(cjk) == "日本語のテキスト" * 2000 and max(map(len, cjk)) <= 997
     (tmp_path / "cjk.txt").unlink()
     out = prepare([str(tmp_path)], "gpt2", tmp_path / "out", 0.5, log=quiet, shard_tokens=500)
