@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from data.prepare import prepare, read_meta
 from data.tokenizer import CHAR_SEPARATOR, from_state
 from trainer.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta naïve café 日本 😀 the of and to in".split()
 
 
@@ -278,7 +280,7 @@ def test_corpus_shorter_than_a_context_window(tmp_path, capsys):
 
     (tmp_path / "short.txt").write_text("just a few words of text")
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["configs/small.yaml", f"data.input={tmp_path / 'short.txt'}", f"out_dir={tmp_path / 'run'}",
+        train.main([str(REPO / "configs" / "small.yaml"), f"data.input={tmp_path / 'short.txt'}", f"out_dir={tmp_path / 'run'}",
                     f"data.prepared_dir={tmp_path / 'prep'}", "model.block_size=64"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
