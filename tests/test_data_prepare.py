@@ -370,7 +370,7 @@ def test_hugging_face_dataset_streams_records(tmp_path, monkeypatch):
 
 def test_command_line_error_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(tmp_path / "missing.txt"),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: data.input: no such file or folder: {tmp_path / 'missing.txt'}"
 
