@@ -19,9 +19,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from data.global_batches import GlobalRandomWindows
-from data.loader import TokenSplit, eval_windows
-from data.prepare import prepare, read_meta
+from data.loader import TokenSplit, build_loader, eval_windows
+from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
 from model import GPT
 from trainer.checkpoint import BEST, LATEST, save_checkpoint
@@ -68,8 +67,7 @@ def train(cfg):
         check_resume_config(cfg, ckpt, log=tqdm.write)
 
     # Data: prepared on first use, re-prepared when the inputs or settings change.
-    prepared = main_first(d, prepare, cfg.data.input, cfg.data.tokenizer, cfg.data.prepared_dir or None,
-                          cfg.data.val_fraction, log=tqdm.write)
+    prepared = main_first(d, prepare_data, cfg.data, log=tqdm.write)
     meta = read_meta(prepared)
     tokenizer = from_state(meta["tokenizer"])
     if ckpt is not None and ckpt["tokenizer"] != meta["tokenizer"]:
@@ -79,7 +77,7 @@ def train(cfg):
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
     train_data, val_data = TokenSplit(prepared, "train"), TokenSplit(prepared, "val")
     for split, data in (("train", train_data), ("val", val_data)):
-        if max((len(s) for s in data.shards), default=0) <= cfg.model.block_size:
+        if data.num_tokens <= cfg.model.block_size:
             raise UserError(f"the {split} split has {data.num_tokens} tokens, fewer than one context "
                             f"window (model.block_size={cfg.model.block_size}) plus one")
 
@@ -90,8 +88,8 @@ def train(cfg):
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
-    loader = GlobalRandomWindows(train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, rt.device,
-                                 d.rank, d.world_size, plan.grad_accum)
+    loader = build_loader(cfg.data.sampling, train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed,
+                          rt.device, d.rank, d.world_size, plan.grad_accum)
     start_iter, best_val = 0, math.inf
     if ckpt is not None:
         load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])

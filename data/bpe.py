@@ -202,11 +202,25 @@ def _merge(word: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
+def ranks_to_text(ranks: dict[bytes, int]) -> str:
+    """tiktoken's ranks-file format, ``base64(token) rank`` per line, as one string."""
+    return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n"
+                   for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+
+
+def ranks_from_text(text: str) -> dict[bytes, int]:
+    ranks = {}
+    for line in text.splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
 def save_tiktoken_bpe(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     """Write ``ranks`` in tiktoken's format (``base64(token) rank`` per line), atomically."""
     path = os.fspath(path)
-    lines = "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n"
-                    for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    lines = ranks_to_text(ranks)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".tiktoken")
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
@@ -225,13 +239,8 @@ def load_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
     Not ``tiktoken.load.load_tiktoken_bpe``: it caches contents keyed by the
     path string, so a file retrained in place would load stale ranks.
     """
-    ranks = {}
     with open(path, encoding="ascii") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+        return ranks_from_text(f.read())
 
 
 def make_encoding(

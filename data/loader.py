@@ -1,15 +1,31 @@
-"""Batches from prepared token arrays: memory-mapped, rank-aware, resumable.
+"""Batches from prepared token shards: memory-mapped, rank-aware, resumable, prefetched.
 
-`TokenSplit` opens one split's shards (listed in meta.json) as read-only memmaps, so a corpus
-of any size costs no memory beyond the pages a batch touches.
+`TokenSplit` opens one split's shards (listed in meta.json) as read-only memmaps and presents
+them as one token stream: a window may span two shards, since shard boundaries are arbitrary
+cuts of the same stream. A corpus of any size costs no memory beyond the pages a batch touches.
 
-`RandomWindows` draws nanoGPT-style random windows: each row of a batch starts at a uniformly
-random position among all windows that fit inside one shard. Its randomness comes from its own
-numpy generator seeded from (seed, rank), never from the global RNGs, so:
-- each rank of a distributed run draws a different stream,
-- evaluation and sampling cannot shift the training stream,
-- `state()` is the generator's state (plain ints), and `load_state()` continues the exact
-  sequence after a resume instead of replaying the first batches again (nanoGPT #467).
+Two samplers, picked by `data.sampling`:
+- `RandomWindows` (random): nanoGPT's sampling, each row a window starting at a uniformly random
+  position. Each optimizer step's global batch (world_size x grad_accum x batch_size windows,
+  distinct within the step) comes from a generator seeded with (seed, step), and each rank takes
+  its own rows. So the state is just a count: resuming continues the exact sequence instead of
+  replaying the first batches (nanoGPT #467), eval or sampling cannot shift the stream, and N
+  ranks with accumulation k train on exactly what one process with accumulation N*k does (a
+  resume may change the world size).
+- `EpochWindows` (epoch): the split cut into non-overlapping windows (inputs of block_size tokens
+  each, every token an input once per epoch), visited in a fresh permutation each epoch, seeded
+  by (seed, epoch); without replacement. The state is (epoch, position).
+
+Distributed: rank r of W reads disjoint data: its own rows of each step's random global batch,
+or, in epoch mode, every W-th window of the shared permutation (each rank's share has the same
+length). Either way the state is the same on every rank, so a
+checkpoint needs one copy of it.
+
+The next batch is prepared in a background thread (memmap reads, int64 conversion, pinned
+memory on CUDA) while the current step runs; the host-to-device copy is `non_blocking`. Batch
+positions are drawn in the caller's thread in order, so prefetching never changes which batches
+come out, and `state()` describes the batches handed out, not the one prepared ahead: a
+checkpoint resumes at the first batch the model has not seen.
 
 `eval_windows` walks a split in order, in non-overlapping windows, for a loss over the whole
 split.
@@ -18,11 +34,13 @@ split.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from trainer.errors import UserError
 
 class TokenSplit:
     def __init__(self, prepared_dir: str | Path, split: str):
@@ -31,7 +49,24 @@ class TokenSplit:
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self.shards = [np.memmap(prepared_dir / s["file"], dtype=dtype, mode="r")
                        for s in meta["splits"][split] if s["tokens"] > 0]
-        self.num_tokens = sum(len(s) for s in self.shards)
+        self.ends = np.cumsum([len(s) for s in self.shards], dtype=np.int64)
+        self.num_tokens = int(self.ends[-1]) if len(self.ends) else 0
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split, across shard boundaries."""
+        shard = int(np.searchsorted(self.ends, start, side="right"))
+        offset = start - (int(self.ends[shard - 1]) if shard else 0)
+        part = self.shards[shard][offset:offset + length]
+        if len(part) == length:
+            return part
+        parts = [part]
+        while sum(map(len, parts)) < length:
+            shard += 1
+            parts.append(self.shards[shard][:length - sum(map(len, parts))])
+        return np.concatenate(parts)
+
+    def rows(self, starts, length: int) -> np.ndarray:
+        return np.stack([self.read(int(s), length) for s in starts]).astype(np.int64)
 
 
 def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -41,45 +76,158 @@ def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-class RandomWindows:
-    def __init__(self, data: TokenSplit, batch_size: int, block_size: int, seed: int,
-                 device: torch.device, rank: int = 0):
-        self.data, self.batch_size, self.block_size, self.device = data, batch_size, block_size, device
-        # A window needs block_size + 1 tokens (inputs and the next-token targets).
-        self.starts_per_shard = np.array([max(len(s) - block_size, 0) for s in data.shards])
-        self.cum_starts = np.cumsum(self.starts_per_shard)
-        if not len(self.cum_starts) or self.cum_starts[-1] == 0:
-            raise ValueError(f"no shard holds {block_size + 1} tokens")
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+class _Windows:
+    """Shared machinery: subclasses say where each batch's windows start (`_draw`) and what
+    their position is (`_position`, `_set_position`); this class reads, prefetches and moves."""
+
+    kind = ""
+
+    def __init__(self, data: TokenSplit, batch_size: int, block_size: int, seed: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1, prefetch: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.data, self.batch_size, self.block_size, self.seed = data, batch_size, block_size, seed
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self._pin = self.device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader") if prefetch else None
+        self._ahead = None  # (the batch prepared ahead, or its future; the position after it)
+        self._handed = None  # the position after the last batch handed out, while one is ahead
+
+    def _draw(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _position(self) -> dict:
+        raise NotImplementedError
+
+    def _set_position(self, position: dict):
+        raise NotImplementedError
+
+    def _prepare(self):
+        starts = self._draw()
+        batch = self._pool.submit(self._host_batch, starts) if self._pool else self._host_batch(starts)
+        return batch, self._position()
+
+    def _host_batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.data.rows(starts, self.block_size + 1)
+        x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in (rows[:, :-1], rows[:, 1:]))
+        return (x.pin_memory(), y.pin_memory()) if self._pin else (x, y)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = self.rng.integers(0, self.cum_starts[-1], size=self.batch_size)
-        shard_ids = np.searchsorted(self.cum_starts, flat, side="right")
-        offsets = flat - np.concatenate(([0], self.cum_starts[:-1]))[shard_ids]
-        T = self.block_size
-        rows = np.stack([self.data.shards[s][o:o + T + 1] for s, o in zip(shard_ids, offsets)])
-        return to_device(rows[:, :-1], self.device), to_device(rows[:, 1:], self.device)
+        if self._ahead is None:
+            self._ahead = self._prepare()
+        batch, self._handed = self._ahead
+        # Draw the next batch now, so that its reads overlap the step this one feeds.
+        self._ahead = self._prepare() if self._pool else None
+        x, y = batch.result() if self._pool else batch
+        return x.to(self.device, non_blocking=self._pin), y.to(self.device, non_blocking=self._pin)
 
     def state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        position = self._handed if self._ahead is not None else self._position()
+        return {"sampling": self.kind, **position}
 
     def load_state(self, state: dict):
-        self.rng.bit_generator.state = state["rng"]
+        sampling = state.get("sampling", self.kind)
+        if sampling != self.kind:
+            raise UserError(f"the checkpoint's loader state is for data.sampling={sampling}, not {self.kind}")
+        self._set_position(state)
+        self._ahead = None  # drop the batch prepared from the old position
+
+
+class RandomWindows(_Windows):
+    kind = "random"
+
+    def __init__(self, *args, grad_accum: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_accum = grad_accum
+        self.num_starts = self.data.num_tokens - self.block_size  # a window needs T + 1 tokens
+        if self.num_starts <= 0:
+            raise UserError(f"the split has {self.data.num_tokens:,} tokens, too few for one window of "
+                            f"{self.block_size + 1} tokens; use a smaller model.block_size or more text")
+        self.batches = 0  # micro-batches handed out by this rank
+
+    def _draw(self) -> np.ndarray:
+        # The whole optimizer step's batch (world_size x grad_accum x batch_size distinct windows)
+        # comes from a generator seeded by (seed, step); this rank takes its own rows.
+        step, micro = divmod(self.batches, self.grad_accum)
+        self.batches += 1
+        W, A, B = self.world_size, self.grad_accum, self.batch_size
+        rng = np.random.Generator(np.random.PCG64([self.seed, step]))
+        starts = rng.choice(self.num_starts, size=W * A * B, replace=W * A * B > self.num_starts)
+        return starts.reshape(W, A, B)[self.rank, micro]
+
+    def _position(self) -> dict:
+        return {"batches": self.batches, "grad_accum": self.grad_accum}
+
+    def _set_position(self, position: dict):
+        if "batches" not in position:
+            raise UserError("the checkpoint's loader state is from an older format; it cannot be resumed exactly")
+        # Steps are what carries over when grad_accum changes with the world size.
+        steps, micro = divmod(int(position["batches"]), int(position.get("grad_accum", self.grad_accum)))
+        self.batches = steps * self.grad_accum + micro
+
+
+class EpochWindows(_Windows):
+    kind = "epoch"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_windows = (self.data.num_tokens - 1) // self.block_size
+        self.per_rank = self.num_windows // self.world_size  # equal shares: ranks step in lockstep
+        if self.per_rank == 0:
+            raise UserError(f"the split has {self.data.num_tokens:,} tokens, too few for one window of "
+                            f"{self.block_size + 1} tokens per rank ({self.world_size} ranks); use a smaller "
+                            f"model.block_size or more text")
+        self.epoch, self.pos = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            # uint32 indices when they fit: 40 MB per 10M windows, shuffled in place.
+            order = np.arange(self.num_windows, dtype=np.uint32 if self.num_windows < 2**32 else np.int64)
+            np.random.Generator(np.random.PCG64([self.seed, epoch])).shuffle(order)
+            self._order_epoch, self._order = epoch, order
+        return self._order
+
+    def _draw(self) -> np.ndarray:
+        starts = np.empty(self.batch_size, dtype=np.int64)
+        for i in range(self.batch_size):
+            if self.pos == self.per_rank:
+                self.epoch, self.pos = self.epoch + 1, 0
+            starts[i] = int(self._order_for(self.epoch)[self.pos * self.world_size + self.rank]) * self.block_size
+            self.pos += 1
+        return starts
+
+    def _position(self) -> dict:
+        return {"epoch": self.epoch, "position": self.pos}
+
+    def _set_position(self, position: dict):
+        self.epoch, self.pos = int(position["epoch"]), int(position["position"])
+
+
+SAMPLERS = {"random": RandomWindows, "epoch": EpochWindows}
+
+
+def build_loader(sampling: str, data: TokenSplit, batch_size: int, block_size: int, seed: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> _Windows:
+    if sampling == "random":
+        return RandomWindows(data, batch_size, block_size, seed, device, rank, world_size, grad_accum=grad_accum)
+    if sampling == "epoch":
+        return EpochWindows(data, batch_size, block_size, seed, device, rank, world_size)
+    raise UserError(f"data.sampling={sampling!r} is not one of: {', '.join(SAMPLERS)}")
 
 
 def eval_windows(data: TokenSplit, batch_size: int, block_size: int, device: torch.device,
-                 max_batches: int = 0, seed: int = 0):
-    """Yield (x, y) over the split: every full non-overlapping window in order when max_batches is
-    0, else max_batches batches of random windows from a fixed seed (the same windows each call,
-    so successive estimates are comparable)."""
+                 max_batches: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
+    """Yield (x, y) over the split: every full non-overlapping window in order (this rank's
+    every world_size-th) when max_batches is 0, else max_batches batches of random windows from
+    a fixed seed (the same windows each call, so successive estimates are comparable)."""
     if max_batches:
-        sampler = RandomWindows(data, batch_size, block_size, seed, device)
+        sampler = RandomWindows(data, batch_size, block_size, seed, device, rank, world_size, prefetch=False)
         for _ in range(max_batches):
             yield sampler.next_batch()
         return
     T = block_size
-    for shard in data.shards:
-        n = (len(shard) - 1) // T
-        for i in range(0, n, batch_size):
-            rows = np.stack([shard[j * T:(j + 1) * T + 1] for j in range(i, min(i + batch_size, n))])
-            yield to_device(rows[:, :-1], device), to_device(rows[:, 1:], device)
+    starts = np.arange(rank, (data.num_tokens - 1) // T, world_size, dtype=np.int64) * T
+    for i in range(0, len(starts), batch_size):
+        rows = data.rows(starts[i:i + batch_size], T + 1)
+        yield to_device(rows[:, :-1], device), to_device(rows[:, 1:], device)

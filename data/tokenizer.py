@@ -1,47 +1,74 @@
 """Tokenizers: one small interface for every kind, and a plain-data state that travels.
 
 Every tokenizer has `name`, `vocab_size`, `eot_id` (None where the kind has no end-of-text
-token), `encode(text) -> list[int]`, `decode(ids) -> str`, `decode_bytes(ids) -> bytes` (so a
-streaming sampler can emit whole UTF-8 characters even when a character spans tokens) and
-`state() -> dict` of strings and ints. The state is stored in meta.json and in every checkpoint,
-and `from_state` rebuilds the tokenizer from it alone, so sampling never needs the corpus.
+token), `encode(text) -> list[int]`, `encode_array(text) -> np.ndarray` (what prep uses: no
+Python int per token), `decode(ids) -> str`, `decode_bytes(ids) -> bytes` (so a streaming sampler
+can emit whole UTF-8 characters even when a character spans tokens) and `state() -> dict` of
+strings and ints. The state is stored in meta.json and in every checkpoint, and `from_state`
+rebuilds the tokenizer from it alone, so sampling needs neither the corpus nor the network.
 
 Kinds:
-- `char`: the vocabulary is the sorted set of characters in the corpus, kept in the state.
-- `gpt2`: OpenAI's GPT-2 BPE through tiktoken. tiktoken downloads its vocabulary once and
-  caches it; offline it reads `TIKTOKEN_CACHE_DIR`.
+- `char`: the vocabulary is the sorted set of characters in the corpus, kept in the state. A
+  multi-document corpus adds one separator character (`CHAR_SEPARATOR`, ASCII "end of text")
+  between documents; it is then part of the vocabulary and is the tokenizer's `eot_id`.
+- `gpt2`, `r50k_base`, `cl100k_base`, `o200k_base`: OpenAI's byte-level BPE encodings through
+  tiktoken. tiktoken downloads a vocabulary once and caches it (offline it reads
+  `TIKTOKEN_CACHE_DIR`); that is needed only to prepare data.
+- `bpe`: the project's own byte-level BPE (`data/bpe.py`) trained on the corpus, run by
+  tiktoken's Rust encoder so it encodes as fast as GPT-2's.
+
+Both BPE families are a `TiktokenTokenizer`, and its state holds the full ranks (tiktoken's
+ranks-file text, about 0.8 MB for gpt2, 3.6 MB for o200k_base), the split pattern and the
+special tokens, not just a name: a checkpoint then rebuilds its tokenizer with no tiktoken cache
+and no network, at a cost that is negligible next to the embedding matrix of such a vocabulary.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 
 from trainer.errors import UserError
 
-TOKENIZERS = ("char", "gpt2")
+TIKTOKEN_ENCODINGS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
+TOKENIZERS = ("char", *TIKTOKEN_ENCODINGS, "bpe")
+EOT = "<|endoftext|>"
+CHAR_SEPARATOR = "\x03"  # ASCII ETX, "end of text": joins documents at the character level
+
+
+def check_tokenizer_name(name: str, key: str = "data.tokenizer"):
+    if name not in TOKENIZERS:
+        raise UserError(f"{key}={name!r} is not one of: {', '.join(TOKENIZERS)}")
 
 
 class CharTokenizer:
     name = "char"
-    eot_id = None
 
-    def __init__(self, chars: str):
-        self.chars = chars
+    def __init__(self, chars: str, separator: str | None = None):
+        if separator is not None and separator not in chars:
+            chars = "".join(sorted(set(chars) | {separator}))
+        self.chars, self.separator = chars, separator
         self.vocab_size = len(chars)
-        self._index = {c: i for i, c in enumerate(chars)}
+        self.eot_id = chars.index(separator) if separator is not None else None
         # Code-point lookup table: encoding a corpus is one numpy gather, not a Python loop.
         self._table = np.full(max(map(ord, chars), default=0) + 1, -1, dtype=np.int64)
         self._table[[ord(c) for c in chars]] = np.arange(len(chars))
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
+    def from_text(cls, text: str, separator: str | None = None) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))), separator)
+
+    @classmethod
+    def from_code_points(cls, present: np.ndarray, separator: str | None = None) -> "CharTokenizer":
+        """From a boolean array indexed by code point (what prep's vocabulary pass collects)."""
+        return cls("".join(map(chr, np.flatnonzero(present))), separator)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
         ids = np.where(codes < len(self._table), self._table[np.minimum(codes, len(self._table) - 1)], -1)
         if (ids < 0).any():
             missing = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
@@ -53,32 +80,61 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def decode_bytes(self, ids) -> bytes:
-        return self.decode(ids).encode("utf-8")
+        return self.decode(ids).encode("utf-8", "surrogatepass")
 
     def state(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        state = {"kind": "char", "chars": self.chars}
+        if self.separator is not None:
+            state["separator"] = self.separator
+        return state
 
 
 class TiktokenTokenizer:
-    def __init__(self, name: str):
+    """A byte-level BPE in tiktoken's format: an OpenAI encoding or one trained by `data/bpe.py`."""
+
+    def __init__(self, name: str, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
         import tiktoken
 
-        try:
-            self.enc = tiktoken.get_encoding(name)
-        except Exception as e:  # network or cache failure surfaces as many exception types
-            raise UserError(
-                f"could not load the tiktoken vocabulary {name!r} ({type(e).__name__}: {e}); it is "
-                f"downloaded once on first use, so connect once or point TIKTOKEN_CACHE_DIR at a "
-                f"folder that holds tiktoken's cached files") from None
-        self.name = name
+        self.name, self.ranks, self.pattern, self.special_tokens = name, ranks, pattern, dict(special_tokens)
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.vocab_size = self.enc.n_vocab
-        self.eot_id = self.enc.eot_token
+        self.eot_id = self.special_tokens.get(EOT)
+
+    @classmethod
+    def openai(cls, name: str) -> "TiktokenTokenizer":
+        """One of OpenAI's encodings, from tiktoken's cache or a one-time download."""
+        from tiktoken_ext import openai_public
+
+        try:
+            params = openai_public.ENCODING_CONSTRUCTORS[name]()
+        except Exception as e:  # network or cache failure surfaces as many exception types
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            raise UserError(
+                f"could not load the tiktoken vocabulary {name!r} ({type(e).__name__}: {first_line}); "
+                f"tiktoken downloads it on first use. To pre-seed it, run TIKTOKEN_CACHE_DIR=DIR python -c "
+                f"\"import tiktoken; tiktoken.get_encoding('{name}')\" on a machine with network, copy DIR "
+                f"here and set TIKTOKEN_CACHE_DIR=DIR") from None
+        return cls(name, params["mergeable_ranks"], params["pat_str"], params["special_tokens"])
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, num_proc: int | None = None,
+              progress: bool = False) -> "TiktokenTokenizer":
+        """The project's BPE learnt from `texts` (documents); `vocab_size` counts the EOT token."""
+        from data.bpe import GPT4_SPLIT_PATTERN, train_bpe
+
+        try:
+            ranks = train_bpe(texts, vocab_size, GPT4_SPLIT_PATTERN, (EOT,), progress=progress, num_proc=num_proc)
+        except ValueError as e:
+            raise UserError(f"data.bpe_vocab_size={vocab_size}: {e}") from None
+        return cls("bpe", ranks, GPT4_SPLIT_PATTERN, {EOT: len(ranks)})
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
+        # Equivalent to encode_ordinary (no special tokens recognised), but tokens land in one
+        # buffer without a Python int each, and the GIL is released while encoding.
+        return self.enc.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
@@ -87,25 +143,36 @@ class TiktokenTokenizer:
         return self.enc.decode_bytes(list(ids))
 
     def state(self) -> dict:
-        return {"kind": "tiktoken", "name": self.name}
+        from data.bpe import ranks_to_text
+
+        return {"kind": "tiktoken", "name": self.name, "pattern": self.pattern,
+                "special_tokens": dict(self.special_tokens), "ranks": ranks_to_text(self.ranks)}
 
 
-def build_tokenizer(name: str, text: str | None = None):
-    """A tokenizer by config name; `char` learns its vocabulary from `text`."""
+def build_tokenizer(name: str, text: str | Iterable[str] | None = None, bpe_vocab_size: int = 4096,
+                    num_proc: int | None = None):
+    """A tokenizer by config name; `char` learns its vocabulary from `text`, `bpe` its merges from
+    `text` (one string or an iterable of documents)."""
+    check_tokenizer_name(name)
+    if name in TIKTOKEN_ENCODINGS:
+        return TiktokenTokenizer.openai(name)
+    if text is None:
+        raise ValueError(f"the {name} tokenizer needs the corpus text to learn its vocabulary")
     if name == "char":
-        if text is None:
-            raise ValueError("the char tokenizer needs the corpus text to build its vocabulary")
-        return CharTokenizer.from_text(text)
-    if name == "gpt2":
-        return TiktokenTokenizer(name)
-    raise UserError(f"data.tokenizer={name!r} is not one of: {', '.join(TOKENIZERS)}")
+        return CharTokenizer.from_text(text if isinstance(text, str) else "".join(text))
+    return TiktokenTokenizer.train([text] if isinstance(text, str) else text, bpe_vocab_size, num_proc)
 
 
 def from_state(state: dict):
     """Rebuild a tokenizer from the plain-data state stored in meta.json and checkpoints."""
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind == "char":
-        return CharTokenizer(state["chars"])
-    if kind == "tiktoken":
-        return TiktokenTokenizer(state["name"])
-    raise UserError(f"unknown tokenizer state {state!r}")
+        return CharTokenizer(state["chars"], state.get("separator"))
+    if kind == "tiktoken" and "ranks" in state:
+        from data.bpe import ranks_from_text
+
+        return TiktokenTokenizer(state["name"], ranks_from_text(state["ranks"]), state["pattern"],
+                                 state["special_tokens"])
+    if kind == "tiktoken":  # a name only, as the first format stored: needs tiktoken's cache
+        return TiktokenTokenizer.openai(state["name"])
+    raise UserError(f"unknown tokenizer state {str(state)[:200]}")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.global_batches import GlobalRandomWindows
+from data.loader import RandomWindows
 from data.loader import TokenSplit
 from trainer.config import load_config
 from trainer.dist import plan_batches
@@ -113,14 +113,14 @@ def test_dead_rank_ends_the_job_with_an_error(runs, tmp_path):
     script = tmp_path / "dying_train.py"
     script.write_text(textwrap.dedent("""
         import os
-        from data.global_batches import GlobalRandomWindows
-        real_next_batch, calls = GlobalRandomWindows.next_batch, []
+        from data.loader import RandomWindows
+        real_next_batch, calls = RandomWindows.next_batch, []
         def next_batch(self):
             calls.append(1)
             if os.environ["RANK"] == "1" and len(calls) == 3:
                 os._exit(7)
             return real_next_batch(self)
-        GlobalRandomWindows.next_batch = next_batch
+        RandomWindows.next_batch = next_batch
         import train
         train.main()
     """))
@@ -143,7 +143,7 @@ def train_split(runs):
 
 
 def _draw(split, rank, world, accum, steps=3, state=None):
-    loader = GlobalRandomWindows(split, BATCH, BLOCK, seed=5, device=torch.device("cpu"), rank=rank,
+    loader = RandomWindows(split, BATCH, BLOCK, seed=5, device=torch.device("cpu"), rank=rank,
                                  world_size=world, grad_accum=accum)
     if state is not None:
         loader.load_state(state)

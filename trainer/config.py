@@ -65,15 +65,26 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    input: list[str] = field(default_factory=lambda: ["data/tinyshakespeare/input.txt"])  # text files
-    tokenizer: str = "char"  # char | gpt2
-    prepared_dir: str = ""  # where token arrays go; "" = data/prepared/<folder>-<file>-<tokenizer>
+    input: list[str] = field(default_factory=lambda: ["data/tinyshakespeare/input.txt"])  # files, folders, globs, hf:NAME
+    tokenizer: str = "char"  # char | gpt2 | r50k_base | cl100k_base | o200k_base | bpe (trained on the corpus)
+    prepared_dir: str = ""  # where token shards go; "" = data/prepared/<input>-<tokenizer>
     val_fraction: float = 0.1  # share of the corpus held out for validation
+    text_field: str = "text"  # the text field of .jsonl / .parquet / hf: records
+    bpe_vocab_size: int = 4096  # tokenizer=bpe: vocabulary size, the end-of-text token included
+    bpe_sample_mb: float = 100.0  # tokenizer=bpe: MB of training text it learns from; 0 = all
+    prep_workers: int = 0  # encoding threads during prep; 0 = all cores
+    sampling: str = "random"  # random (windows at random positions) | epoch (each window once per epoch)
 
     def validate(self):
+        from data.tokenizer import TOKENIZERS
+
         if not self.input:
             raise UserError("data.input is empty; give at least one text file")
         _in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        _choice(self, "data", "tokenizer", TOKENIZERS)
+        _choice(self, "data", "sampling", ("random", "epoch"))
+        _at_least(self, "data", 257, "bpe_vocab_size")  # 256 bytes + the end-of-text token
+        _at_least(self, "data", 0, "bpe_sample_mb", "prep_workers")
 
 
 @dataclass

@@ -20,7 +20,8 @@ from trainer.errors import UserError
 RUN_FILES = (LATEST, BEST, "metrics.jsonl", "config.yaml")
 RESUME_SAFE_KEYS = {
     "train.max_iters", "train.eval_interval", "train.eval_batches", "train.log_interval",
-    "train.compile", "train.threads", "train.device", "data.prepared_dir", "out_dir", "resume", "overwrite",
+    "train.compile", "train.threads", "train.device", "train.stop_at_val_loss", "data.prepared_dir",
+    "data.prep_workers", "out_dir", "resume", "overwrite",
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout_s",  # same math, other layout
 }
 
