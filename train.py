@@ -4,7 +4,12 @@
 
 Reads top to bottom: config -> run folder -> data -> model and optimizer -> (resume) -> loop.
 Every knob is a field in trainer/config.py. The loop never synchronises with the GPU except at
-log and eval intervals (reading a loss is a sync), so the host stays ahead of the device.
+log and eval intervals (reading a loss is a sync), so the host stays ahead of the device; the
+numerical-fault guard decides on the device too (trainer/guard.py).
+
+A run stops at `train.max_iters`, at `train.max_time` (evaluating and saving, as at the end), on
+SIGTERM/SIGINT (finishing the step and saving; trainer/signals.py), or when more than
+`train.max_bad_steps` updates in a row had to be skipped (keeping the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from data.loader import RandomWindows, TokenSplit, eval_windows
 from data.prepare import prepare, read_meta
 from data.tokenizer import from_state
 from model import GPT
-from trainer.checkpoint import BEST, LATEST, save_checkpoint
-from trainer.config import load_config
+from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
+from trainer.config import load_config, parse_duration
 from trainer.errors import UserError, report_user_errors
+from trainer.guard import StepGuard, guarded_step
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
 from trainer.rundir import check_resume_config, claim_out_dir, write_config
 from trainer.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
+from trainer.signals import StopRequest
 
 
 @torch.no_grad()
@@ -51,6 +58,11 @@ def vocab_for_model(tokenizer_vocab: int) -> int:
 
 
 def train(cfg):
+    with StopRequest() as stop:  # SIGTERM/SIGINT: finish the step, save, exit cleanly
+        return _train(cfg, stop)
+
+
+def _train(cfg, stop: StopRequest):
     rt = setup_runtime(cfg.train)
     ckpt = claim_out_dir(cfg)
     if ckpt is not None:
@@ -78,26 +90,31 @@ def train(cfg):
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
     loader = RandomWindows(train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, rt.device)
+    guard = StepGuard(cfg.train, rt.device, scaler.is_enabled())
     start_iter, best_val = 0, math.inf
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt, Path(cfg.out_dir) / LATEST)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         loader.load_state(ckpt["loader"])
         set_rng_state(ckpt["rng"])
+        guard.load_state_dict(ckpt["guard"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
+        tqdm.write(f"resuming {cfg.out_dir} from iter {start_iter}")
     write_config(cfg)
     step_model = torch.compile(model) if cfg.train.compile else model
 
-    def checkpoint(it: int, val_loss: float):
+    def checkpoint(it: int, val_loss: float | None):
         nonlocal best_val
+        if val_loss is not None and not math.isfinite(val_loss):
+            tqdm.write(f"iter {it}: val loss {val_loss}: not saving over the last good checkpoint")
+            return
+        is_best = val_loss is not None and val_loss < best_val
+        best_val = val_loss if is_best else best_val
         payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                       config=cfg.to_dict(), tokenizer=tokenizer.state(), iter=it,
-                       best_val_loss=min(best_val, val_loss), rng=rng_state(), loader=loader.state())
-        save_checkpoint(payload, Path(cfg.out_dir) / LATEST)
-        if val_loss < best_val:
-            best_val = val_loss
-            save_checkpoint(payload, Path(cfg.out_dir) / BEST)
+                       config=cfg.to_dict(), tokenizer=tokenizer.state(), iter=it, best_val_loss=best_val,
+                       rng=rng_state(), loader=loader.state(), guard=guard.state_dict())
+        save_run_checkpoint(payload, Path(cfg.out_dir), is_best, cfg.train.keep_last)
 
     tokens_per_step = cfg.train.batch_size * cfg.model.block_size * cfg.train.grad_accum
     peak = peak_flops(rt.device)
@@ -109,11 +126,14 @@ def train(cfg):
     run_start = time.perf_counter()
     window_start, window_iters, interval_loss_sum, interval_steps = run_start, 0, 0.0, 0
     loss_acc = torch.zeros((), device=rt.device)  # summed on device: no sync per step
+    time_budget, skipped_before = parse_duration(cfg.train.max_time, "train.max_time"), int(guard.skipped)
 
     it = start_iter
     while True:
-        # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end.
-        last = it == cfg.train.max_iters
+        # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end
+        # (max_iters or the time budget); only checkpoint every ckpt_interval steps and on a signal.
+        out_of_time = time_budget is not None and time.perf_counter() - run_start >= time_budget
+        last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             val_loss = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches)
             train_loss = interval_loss_sum / max(interval_steps, 1) if interval_steps else None
@@ -124,42 +144,57 @@ def train(cfg):
             tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f}{' (whole val split)' if last else ''}")
             checkpoint(it, val_loss)
             window_start = time.perf_counter()  # keep eval time out of tokens/s
-        if last:
+        elif stop.reason or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0 and it > start_iter):
+            checkpoint(it, None)
+        if last or stop.reason:
             break
 
-        # One optimizer step over grad_accum micro-batches.
+        # One optimizer step over grad_accum micro-batches, skipped when its loss or gradient norm
+        # is non-finite or spikes (decided on the device; grad_clip=0 still measures the norm).
         optimizer.set_lr_multiplier(lr_multiplier(it, cfg.optim, cfg.train.max_iters))
+        step_loss = torch.zeros((), device=rt.device)
         for _ in range(cfg.train.grad_accum):
             x, y = loader.next_batch()
             with rt.autocast:
                 _, loss = step_model(x, y)
-            loss_acc += loss.detach()
+            step_loss += loss.detach()
             scaler.scale(loss / cfg.train.grad_accum).backward()
-        if cfg.train.grad_clip:
-            optimizer.unscale_(scaler)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step(scaler)
+        optimizer.unscale_(scaler)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+        skip = guard.check(step_loss / cfg.train.grad_accum, grad_norm)
+        guarded_step(optimizer, scaler, skip)
         scaler.update()
         optimizer.zero_grad()
+        loss_acc += torch.where(skip, 0.0, step_loss)
         it += 1
         window_iters += 1
 
         if it % cfg.train.log_interval == 0 or it == cfg.train.max_iters:
-            loss_val = loss_acc.item() / (window_iters * cfg.train.grad_accum)  # the sync point
+            skipped = guard.read(it)  # a sync; raises DivergedError after too many skips in a row
+            good_iters, skipped_before = window_iters - (skipped - skipped_before), skipped
+            if good_iters < window_iters:
+                tqdm.write(f"iter {it}: skipped {window_iters - good_iters} update(s) with a non-finite "
+                           f"or spiking loss or gradient norm ({skipped} in this run)")
+            loss_val = loss_acc.item() / (good_iters * cfg.train.grad_accum) if good_iters else math.nan
             loss_acc.zero_()
             elapsed = time.perf_counter() - window_start
             tok_s = window_iters * tokens_per_step / elapsed
             mfu = model.flops_per_token() * tok_s / peak if peak else None
             lr = optimizer.param_groups[0]["lr"]
-            interval_loss_sum += loss_val * window_iters
-            interval_steps += window_iters
+            interval_loss_sum += loss_val * good_iters if good_iters else 0.0
+            interval_steps += good_iters
             metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
-                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3))
+                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3),
+                          **({"skipped_steps": skipped} if skipped else {}))
             bar.set_postfix_str(f"loss {loss_val:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, mfu {format_mfu(mfu)}")
             bar.update(window_iters)
             window_start, window_iters = time.perf_counter(), 0
     bar.close()
     metrics.close()
+    if stop.reason or out_of_time:
+        why = stop.reason or f"train.max_time={cfg.train.max_time} reached"
+        tqdm.write(f"{why}: stopped at iter {it}, checkpoint saved to {Path(cfg.out_dir) / LATEST}; "
+                   f"continue with resume=true")
     tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val {best_val:.4f}; "
                f"checkpoints in {cfg.out_dir}")
     return best_val

@@ -2,25 +2,36 @@
 
 A fresh run into a folder that already holds one is refused unless `overwrite=true`, so a
 repeated command never destroys a trained model. `resume=true` reloads `latest.pt` and refuses a
-config that differs from the checkpoint's, except in keys that cannot change the result
-(`RESUME_SAFE_KEYS`), which are allowed and reported.
+config that differs from the checkpoint's, except in keys that cannot change the result or are
+knobs one turns exactly when resuming (`RESUME_SAFE_KEYS`), which are allowed and reported.
+
+Resuming rewinds `metrics.jsonl` to the checkpoint's iteration: lines a killed process wrote
+after its last checkpoint describe steps that are about to be redone, and keeping them would
+show every such step twice. Leftover `*.tmp` files (a save cut short) are removed.
+Writability is probed by creating a file, not by `os.access`, which says yes to root on a
+read-only mount.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from trainer.checkpoint import BEST, LATEST, load_checkpoint
+from trainer.checkpoint import BEST, LATEST, history, load_checkpoint
 from trainer.config import Config
 from trainer.errors import UserError
 
 RUN_FILES = (LATEST, BEST, "metrics.jsonl", "config.yaml")
+METRICS = "metrics.jsonl"
 RESUME_SAFE_KEYS = {
     "train.max_iters", "train.eval_interval", "train.eval_batches", "train.log_interval",
     "train.compile", "train.threads", "train.device", "data.prepared_dir", "out_dir", "resume", "overwrite",
+    "train.ckpt_interval", "train.keep_last", "train.max_time", "train.max_bad_steps", "train.spike_z",
+    "train.spike_window",
 }
 
 
@@ -31,19 +42,41 @@ def claim_out_dir(cfg: Config) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"out_dir={cfg.out_dir!r}: cannot create it ({e.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"out_dir={cfg.out_dir!r} is not writable")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    try:
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"out_dir={cfg.out_dir!r} is not writable ({e.strerror})") from None
+    existing = [out / name for name in RUN_FILES if (out / name).exists()] + history(out)
     if cfg.resume:
         if not (out / LATEST).is_file():
             raise UserError(f"resume=true but {out / LATEST} does not exist")
-        return load_checkpoint(out / LATEST)
+        ckpt = load_checkpoint(out / LATEST, for_training=True)
+        for tmp in out.glob("*.tmp"):
+            tmp.unlink()
+        rewind_metrics(out / METRICS, ckpt["iter"])
+        return ckpt
     if existing and not cfg.overwrite:
-        raise UserError(f"out_dir={cfg.out_dir!r} already holds a run ({', '.join(existing)}); "
+        raise UserError(f"out_dir={cfg.out_dir!r} already holds a run ({', '.join(p.name for p in existing)}); "
                         f"pass resume=true to continue it or overwrite=true to start over")
-    for name in existing:
-        (out / name).unlink()
+    for path in existing:
+        path.unlink()
     return None
+
+
+def rewind_metrics(path: Path, last_iter: int):
+    """Drop metrics lines past last_iter (and a torn last line), rewriting the file atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["iter"] <= last_iter:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
