@@ -32,7 +32,7 @@ from trainer.errors import UserError, report_user_errors
 from trainer.guard import StepGuard, guarded_step
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
-from trainer.rundir import check_resume_config, claim_out_dir, write_config
+from trainer.rundir import check_resume_config, claim_out_dir, rewind_run, write_config
 from trainer.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
 from trainer.signals import StopRequest
 
@@ -100,6 +100,7 @@ def _train(cfg, stop: StopRequest):
         set_rng_state(ckpt["rng"])
         guard.load_state_dict(ckpt["guard"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
+        rewind_run(cfg.out_dir, start_iter)
         tqdm.write(f"resuming {cfg.out_dir} from iter {start_iter}")
     write_config(cfg)
     step_model = torch.compile(model) if cfg.train.compile else model

@@ -7,7 +7,8 @@ knobs one turns exactly when resuming (`RESUME_SAFE_KEYS`), which are allowed an
 
 Resuming rewinds `metrics.jsonl` to the checkpoint's iteration: lines a killed process wrote
 after its last checkpoint describe steps that are about to be redone, and keeping them would
-show every such step twice. Leftover `*.tmp` files (a save cut short) are removed.
+show every such step twice. Leftover `*.tmp` files (a save cut short) are removed. Both happen
+only once the resume has been accepted, so a refused one leaves the folder as it was.
 Writability is probed by creating a file, not by `os.access`, which says yes to root on a
 read-only mount.
 """
@@ -50,11 +51,7 @@ def claim_out_dir(cfg: Config) -> dict | None:
     if cfg.resume:
         if not (out / LATEST).is_file():
             raise UserError(f"resume=true but {out / LATEST} does not exist")
-        ckpt = load_checkpoint(out / LATEST, for_training=True)
-        for tmp in out.glob("*.tmp"):
-            tmp.unlink()
-        rewind_metrics(out / METRICS, ckpt["iter"])
-        return ckpt
+        return load_checkpoint(out / LATEST, for_training=True)
     if existing and not cfg.overwrite:
         raise UserError(f"out_dir={cfg.out_dir!r} already holds a run ({', '.join(p.name for p in existing)}); "
                         f"pass resume=true to continue it or overwrite=true to start over")
@@ -63,8 +60,13 @@ def claim_out_dir(cfg: Config) -> dict | None:
     return None
 
 
-def rewind_metrics(path: Path, last_iter: int):
-    """Drop metrics lines past last_iter (and a torn last line), rewriting the file atomically."""
+def rewind_run(out_dir: str, last_iter: int):
+    """Once a resume is accepted: drop leftover temporary files, and metrics lines past last_iter
+    (and a line torn by a kill), rewriting metrics.jsonl atomically."""
+    out = Path(out_dir)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    path = out / METRICS
     if not path.is_file():
         return
     kept = []
