@@ -15,6 +15,7 @@ SIGTERM/SIGINT (finishing the step and saving; trainer/signals.py), or when more
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -58,11 +59,13 @@ def vocab_for_model(tokenizer_vocab: int) -> int:
 
 
 def train(cfg):
-    with StopRequest() as stop:  # SIGTERM/SIGINT: finish the step, save, exit cleanly
-        return _train(cfg, stop)
+    # SIGTERM/SIGINT finish the step, save and exit cleanly; `closing` closes the progress bar on
+    # any way out, so an error message starts on a line of its own.
+    with StopRequest() as stop, contextlib.ExitStack() as closing:
+        return _train(cfg, stop, closing)
 
 
-def _train(cfg, stop: StopRequest):
+def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     rt = setup_runtime(cfg.train)
     ckpt = claim_out_dir(cfg)
     if ckpt is not None:
@@ -123,7 +126,7 @@ def _train(cfg, stop: StopRequest):
                f"device {rt.device}, {str(rt.dtype).removeprefix('torch.')}; {tokens_per_step:,} tokens/step; "
                f"train {train_data.num_tokens:,} tokens, val {val_data.num_tokens:,}")
     metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl")
-    bar = tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True)
+    bar = closing.enter_context(tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True))
     run_start = time.perf_counter()
     window_start, window_iters, interval_loss_sum, interval_steps = run_start, 0, 0.0, 0
     loss_acc = torch.zeros((), device=rt.device)  # summed on device: no sync per step

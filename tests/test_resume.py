@@ -27,17 +27,18 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    proc = popen_train(train_args(data, out))
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    return metrics(out)
+def forker():
+    return Forker()
 
 
 @pytest.fixture(scope="module")
-def forker():
-    return Forker()
+def reference(data, forker, tmp_path_factory):
+    """The uninterrupted run's metrics."""
+    folder = tmp_path_factory.mktemp("reference")
+    proc = forker.start(train_args(data, folder / "run"), folder / "log")
+    proc.join(300)
+    assert proc.exitcode == 0, (folder / "log").read_text()
+    return metrics(folder / "run")
 
 
 def wait_for_iter(out_dir, n: int, alive, timeout: float = 120):

@@ -142,11 +142,15 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu", for_training: bool = False) -> dict:
     path = Path(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off one lacks its directory
+        raise UserError(f"{path}: corrupt or truncated checkpoint (not a complete torch.save archive)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: refused to load: not a plain checkpoint ({first[:200]})") from None
+        # torch's message is a paragraph; the line naming what was refused is the useful one
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        raise UserError(f"{path}: refused to load: not a plain checkpoint ({culprit[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
