@@ -179,13 +179,14 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             if good_iters < window_iters:
                 tqdm.write(f"iter {it}: skipped {window_iters - good_iters} update(s) with a non-finite "
                            f"or spiking loss or gradient norm ({skipped} in this run)")
-            loss_val = loss_acc.item() / (good_iters * cfg.train.grad_accum) if good_iters else math.nan
+            loss_sum = loss_acc.item() / cfg.train.grad_accum  # summed over the window's applied steps
+            loss_val = loss_sum / good_iters if good_iters else math.nan
             loss_acc.zero_()
             elapsed = time.perf_counter() - window_start
             tok_s = window_iters * tokens_per_step / elapsed
             mfu = model.flops_per_token() * tok_s / peak if peak else None
             lr = optimizer.param_groups[0]["lr"]
-            interval_loss_sum += loss_val * good_iters if good_iters else 0.0
+            interval_loss_sum += loss_sum
             interval_steps += good_iters
             metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
                           mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3),
