@@ -253,6 +253,13 @@ def test_resume_with_safe_changes_is_allowed_and_logged(run, data, tmp_path, cap
     assert sorted(metrics(tmp_path / "run")[0]) == list(range(1, 11)) + [12]
 
 
+def test_resume_of_a_finished_run_says_so(run, data, capsys):
+    before = snapshot(run)
+    fails(capsys, train.main, train_args(data, run, "train.max_iters=10", "resume=true"),
+          "it is at iter 10 and train.max_iters=10")
+    assert snapshot(run) == before
+
+
 def test_resume_refuses_data_whose_tokenizer_changed(run, data, tmp_path, capsys):
     shutil.copytree(run, tmp_path / "run")
     corpus = tmp_path / "corpus.txt"
@@ -262,7 +269,7 @@ def test_resume_refuses_data_whose_tokenizer_changed(run, data, tmp_path, capsys
     ckpt["config"]["data"]["prepared_dir"] = str(tmp_path / "prep")
     save_checkpoint(ckpt, tmp_path / "run" / LATEST)
     before = snapshot(tmp_path / "run")
-    fails(capsys, train.main, train_args((corpus, tmp_path / "prep"), tmp_path / "run", "train.max_iters=10",
+    fails(capsys, train.main, train_args((corpus, tmp_path / "prep"), tmp_path / "run", "train.max_iters=20",
                                          "resume=true"),
           "its tokenizer differs from the prepared data's")
     assert snapshot(tmp_path / "run") == before
@@ -282,7 +289,7 @@ def other_architecture(run, tmp_path) -> tuple:
 def test_a_checkpoint_from_another_architecture_is_refused(run, data, tmp_path, capsys):
     folder, _ = other_architecture(run, tmp_path)
     before = snapshot(folder)
-    fails(capsys, train.main, train_args(data, folder, "train.max_iters=10", "resume=true"),
+    fails(capsys, train.main, train_args(data, folder, "train.max_iters=20", "resume=true"),
           "weights do not fit the model's architecture", "blocks.1")
     fails(capsys, sample.main, ["--ckpt", str(folder / LATEST), "--max-new-tokens", "5"],
           "weights do not fit the model's architecture")

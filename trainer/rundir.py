@@ -92,7 +92,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(cfg: Config, ckpt: dict, log=print):
-    """Refuse a resume whose config changes anything but the safe keys; log the safe changes."""
+    """Refuse a resume whose config changes anything but the safe keys, or that has nothing left
+    to do; log the safe changes."""
     saved = flat(ckpt["config"])
     wanted = flat(cfg.to_dict())
     if wanted.get("model.vocab_size") == 0:  # unresolved: the checkpoint's resolution stands
@@ -102,6 +103,9 @@ def check_resume_config(cfg: Config, ckpt: dict, log=print):
     if unsafe:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in unsafe)
         raise UserError(f"cannot resume {cfg.out_dir}: config differs from its checkpoint in {diffs}")
+    if ckpt["iter"] >= cfg.train.max_iters:
+        raise UserError(f"cannot resume {cfg.out_dir}: it is at iter {ckpt['iter']} and train.max_iters="
+                        f"{cfg.train.max_iters}; raise train.max_iters to train further")
     for k in changed:
         if k not in ("resume", "overwrite"):
             log(f"resume: {k} changed from {saved.get(k)!r} to {wanted.get(k)!r}")
