@@ -43,6 +43,7 @@ class StepGuard:
 
         self.skipped, self.in_row, self.worst_in_row, self.n_good = counter(), counter(), counter(), counter()
         self.recent = torch.zeros(2, self.window if self.spike_z else 0, device=device)  # rows: loss, norm
+        self.slots = torch.arange(self.recent.shape[1], device=device)
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """True (a device tensor) when this update must be skipped; updates the counters."""
@@ -53,7 +54,7 @@ class StepGuard:
             mean, std = self.recent.mean(1), self.recent.std(1, correction=0)
             spike = (finite & (values - mean > self.spike_z * std)).any() & (self.n_good >= self.window)
             bad = bad | spike
-            take = ~bad & finite.all() & (torch.arange(self.window, device=values.device) == self.n_good % self.window)
+            take = ~bad & finite.all() & (self.slots == self.n_good % self.window)  # the oldest value's slot
             self.recent = torch.where(take, values[:, None], self.recent)
         self.n_good += (~bad & finite.all()).long()
         self.skipped += bad.long()
