@@ -19,7 +19,7 @@ import torch
 from data.tokenizer import from_state
 from model import GPT
 from model.generate import generate
-from trainer.checkpoint import find_checkpoint, load_checkpoint
+from trainer.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 from trainer.config import Config
 from trainer.errors import UserError, report_user_errors
 from trainer.runtime import pick_device
@@ -29,12 +29,13 @@ def load_model(ckpt_path: str, device: torch.device):
     path = find_checkpoint(ckpt_path)
     ckpt = load_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"], source=f"{path} (config)")
+    tokenizer = from_state(ckpt["tokenizer"])
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"{path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
+                        f"(model.vocab_size={cfg.model.vocab_size}); the checkpoint mixes two runs")
     model = GPT(cfg.model)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the architecture in its config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), from_state(ckpt["tokenizer"]), path
+    load_model_state(model, ckpt, path)
+    return model.to(device).eval(), tokenizer, path
 
 
 def read_prompt(prompt: str) -> str:

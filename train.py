@@ -5,12 +5,18 @@
 
 Reads top to bottom: config -> run folder -> data -> model and optimizer -> (resume) -> loop.
 Every knob is a field in trainer/config.py. The loop never synchronises with the GPU except at
-log and eval intervals (reading a loss is a sync), so the host stays ahead of the device.
+log and eval intervals (reading a loss is a sync), so the host stays ahead of the device; the
+numerical-fault guard decides on the device too (trainer/guard.py).
+
+A run stops at `train.max_iters`, at `train.max_time` (evaluating and saving, as at the end), on
+SIGTERM/SIGINT (finishing the step and saving; trainer/signals.py), or when more than
+`train.max_bad_steps` updates in a row had to be skipped (keeping the last good checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -23,16 +29,18 @@ from data.loader import TokenSplit, build_loader, eval_windows
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
 from model import GPT
-from trainer.checkpoint import BEST, LATEST, save_checkpoint
-from trainer.config import load_config
-from trainer.dist import (NullLog, all_reduce_sum, full_state, grad_sync, init_distributed, load_full_state,
-                          main_first, open_out_dir, plan_batches, seed_rank_streams, shard_batches, shutdown,
-                          wrap_model)
+from trainer.checkpoint import LATEST, save_run_checkpoint
+from trainer.config import load_config, parse_duration
+from trainer.dist import (NullLog, agree, all_reduce_sum, full_state, grad_sync, init_distributed, load_full_state,
+                          main_first, open_out_dir, plain_tensor, plan_batches, seed_rank_streams, shard_batches,
+                          shutdown, wrap_model)
 from trainer.errors import UserError, report_user_errors
+from trainer.guard import StepGuard, guarded_step
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
-from trainer.rundir import check_resume_config, write_config
+from trainer.rundir import check_resume_config, rewind_run, write_config
 from trainer.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
+from trainer.signals import StopRequest
 
 
 @torch.no_grad()
@@ -59,6 +67,13 @@ def vocab_for_model(tokenizer_vocab: int) -> int:
 
 
 def train(cfg):
+    # SIGTERM/SIGINT finish the step, save and exit cleanly; `closing` closes the progress bar on
+    # any way out, so an error message starts on a line of its own.
+    with StopRequest() as stop, contextlib.ExitStack() as closing:
+        return _train(cfg, stop, closing)
+
+
+def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     rt = setup_runtime(cfg.train)
     d = init_distributed(cfg.train, rt)
     plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # refuses an impossible split early
@@ -90,34 +105,40 @@ def train(cfg):
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
     loader = build_loader(cfg.data.sampling, train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed,
                           rt.device, d.rank, d.world_size, plan.grad_accum)
+    guard = StepGuard(cfg.train, rt.device, scaler.is_enabled())
     start_iter, best_val = 0, math.inf
     if ckpt is not None:
-        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"], Path(cfg.out_dir) / LATEST)
         scaler.load_state_dict(ckpt["scaler"])
         loader.load_state(ckpt["loader"])
         set_rng_state(ckpt["rng"])
+        guard.load_state_dict(ckpt["guard"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
         if ckpt.get("tokens_per_step", plan.tokens_per_step) != plan.tokens_per_step:
             tqdm.write(f"resume: tokens per step change from {ckpt['tokens_per_step']:,} to {plan.tokens_per_step:,} "
                        f"(set train.tokens_per_step to keep it across world sizes)")
+        if d.is_main:
+            rewind_run(cfg.out_dir, start_iter)
+        tqdm.write(f"resuming {cfg.out_dir} from iter {start_iter}")
     seed_rank_streams(d, cfg.train.seed, start_iter)
     if d.is_main:
         write_config(cfg)
     step_model = torch.compile(wrapped) if cfg.train.compile else wrapped
 
-    def checkpoint(it: int, val_loss: float):
+    def checkpoint(it: int, val_loss: float | None):
         nonlocal best_val
+        if val_loss is not None and not math.isfinite(val_loss):
+            tqdm.write(f"iter {it}: val loss {val_loss}: not saving over the last good checkpoint")
+            return
+        is_best = val_loss is not None and val_loss < best_val
+        best_val = val_loss if is_best else best_val
         model_state, optim_state = full_state(model, optimizer)  # every rank: a collective under FSDP
         payload = dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(),
-                       config=cfg.to_dict(), tokenizer=tokenizer.state(), iter=it,
-                       best_val_loss=min(best_val, val_loss), rng=rng_state(), loader=loader.state(),
+                       config=cfg.to_dict(), tokenizer=tokenizer.state(), iter=it, best_val_loss=best_val,
+                       rng=rng_state(), loader=loader.state(), guard=guard.state_dict(),
                        tokens_per_step=plan.tokens_per_step)
         if d.is_main:
-            save_checkpoint(payload, Path(cfg.out_dir) / LATEST)
-        if val_loss < best_val:
-            best_val = val_loss
-            if d.is_main:
-                save_checkpoint(payload, Path(cfg.out_dir) / BEST)
+            save_run_checkpoint(payload, Path(cfg.out_dir), is_best, cfg.train.keep_last)
 
     tokens_per_step = plan.tokens_per_step
     peak = peak_flops(rt.device)
@@ -125,16 +146,23 @@ def train(cfg):
                f"device {rt.device}, {str(rt.dtype).removeprefix('torch.')}, parallel {d.parallel}; "
                f"batch {plan.describe()}; train {train_data.num_tokens:,} tokens, val {val_data.num_tokens:,}")
     metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl") if d.is_main else NullLog()
-    bar = tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, disable=not d.is_main)
+    bar = closing.enter_context(tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True,
+                                     disable=not d.is_main))
     run_start = time.perf_counter()
     window_start, window_iters, interval_loss_sum, interval_steps = run_start, 0, 0.0, 0
     paused_s = 0.0  # time spent evaluating and checkpointing, kept out of tokens/s and train_time_s
     loss_acc = torch.zeros((), device=rt.device)  # summed on device: no sync per step
+    time_budget, skipped_before = parse_duration(cfg.train.max_time, "train.max_time"), int(guard.skipped)
 
-    it = start_iter
+    it, out_of_time, stopping = start_iter, False, False
     while True:
-        # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end.
-        last = it == cfg.train.max_iters
+        # Stop on the budget or a signal; several ranks agree first, at log steps only (a sync).
+        if not d.enabled or it % cfg.train.log_interval == 0:
+            over_budget = time_budget is not None and time.perf_counter() - run_start >= time_budget
+            out_of_time, stopping = agree(d, rt.device, over_budget, bool(stop.reason))
+        # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end
+        # (max_iters or the time budget); only checkpoint every ckpt_interval steps and on a signal.
+        last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
             val_loss = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches, d)
@@ -147,47 +175,63 @@ def train(cfg):
             checkpoint(it, val_loss)
             paused_s += time.perf_counter() - eval_start
             window_start += time.perf_counter() - eval_start
-            if val_loss <= cfg.train.stop_at_val_loss and not last:
+            if val_loss <= cfg.train.stop_at_val_loss:
                 tqdm.write(f"val loss {val_loss:.4f} <= train.stop_at_val_loss={cfg.train.stop_at_val_loss}: stopping")
                 break
-        if last:
+        elif stopping or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0 and it > start_iter):
+            checkpoint(it, None)
+        if last or stopping:
             break
 
-        # One optimizer step over grad_accum micro-batches.
+        # One optimizer step over grad_accum micro-batches, skipped when its loss or gradient norm
+        # is non-finite or spikes (decided on the device; grad_clip=0 still measures the norm).
         optimizer.set_lr_multiplier(lr_multiplier(it, cfg.optim, cfg.train.max_iters))
+        step_loss = torch.zeros((), device=rt.device)
         for micro_step in range(plan.grad_accum):
             x, y = loader.next_batch()
             with grad_sync(wrapped, last_micro_step=micro_step == plan.grad_accum - 1):
                 with rt.autocast:
                     _, loss = step_model(x, y)
-                loss_acc += loss.detach()
+                step_loss += loss.detach()
                 scaler.scale(loss / plan.grad_accum).backward()
-        if cfg.train.grad_clip:
-            optimizer.unscale_(scaler)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step(scaler)
+        all_reduce_sum(d, step_loss)  # every rank must take the same skip decision
+        optimizer.unscale_(scaler)
+        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf))
+        skip = guard.check(step_loss / (plan.grad_accum * d.world_size), grad_norm)
+        guarded_step(optimizer, scaler, skip)
         scaler.update()
         optimizer.zero_grad()
+        loss_acc += torch.where(skip, 0.0, step_loss)
         it += 1
         window_iters += 1
 
         if it % cfg.train.log_interval == 0 or it == cfg.train.max_iters:
-            all_reduce_sum(d, loss_acc)  # the mean over all ranks' micro-batches
-            loss_val = loss_acc.item() / (window_iters * plan.grad_accum * d.world_size)  # the sync point
+            skipped = guard.read(it)  # a sync; raises DivergedError after too many skips in a row
+            good_iters, skipped_before = window_iters - (skipped - skipped_before), skipped
+            if good_iters < window_iters:
+                tqdm.write(f"iter {it}: skipped {window_iters - good_iters} update(s) with a non-finite "
+                           f"or spiking loss or gradient norm ({skipped} in this run)")
+            loss_sum = loss_acc.item() / (plan.grad_accum * d.world_size)  # summed over the window's applied steps
+            loss_val = loss_sum / good_iters if good_iters else math.nan
             loss_acc.zero_()
             elapsed = time.perf_counter() - window_start
             tok_s = window_iters * tokens_per_step / elapsed
             mfu = flops_per_token * tok_s / (peak * d.world_size) if peak else None
             lr = optimizer.param_groups[0]["lr"]
-            interval_loss_sum += loss_val * window_iters
-            interval_steps += window_iters
+            interval_loss_sum += loss_sum
+            interval_steps += good_iters
             metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
-                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3))
+                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3),
+                          **({"skipped_steps": skipped} if skipped else {}))
             bar.set_postfix_str(f"loss {loss_val:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, mfu {format_mfu(mfu)}")
             bar.update(window_iters)
             window_start, window_iters = time.perf_counter(), 0
     bar.close()
     metrics.close()
+    if stopping or out_of_time:
+        why = stop.reason or f"train.max_time={cfg.train.max_time} reached"
+        tqdm.write(f"{why}: stopped at iter {it}, checkpoint saved to {Path(cfg.out_dir) / LATEST}; "
+                   f"continue with resume=true")
     tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val {best_val:.4f}; "
                f"checkpoints in {cfg.out_dir}")
     shutdown(d)

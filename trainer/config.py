@@ -138,12 +138,20 @@ class TrainConfig:
     tokens_per_step: int = 0  # all ranks' tokens per optimizer step, derives grad_accum; 0 = batch*block*accum*world
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     dist_timeout_s: int = 300  # a collective waiting longer than this ends the job with an error
+    ckpt_interval: int = 0  # steps between checkpoints (latest.pt); 0 = at every eval
+    keep_last: int = 0  # also keep the newest N checkpoints as ckpt-<iter>.pt; 0 = none
+    max_time: str = ""  # wall-clock budget of this process, e.g. 90s, 5m, 2h, 1d; "" = none
+    max_bad_steps: int = 10  # stop after more than this many skipped updates in a row
+    spike_z: float = 0.0  # skip an update whose loss or grad norm is this many std above its recent mean; 0 = off
+    spike_window: int = 128  # recent good steps the spike guard's mean and std are taken over
 
     def validate(self):
         _positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
-                  "dist_timeout_s")
-        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss")
+                  "dist_timeout_s", "spike_window")
+        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss",
+                  "ckpt_interval", "keep_last", "max_bad_steps", "spike_z")
         _choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
+        parse_duration(self.max_time, "train.max_time")
         if self.tokens_per_step and self.grad_accum != 1:
             raise UserError(f"train.grad_accum={self.grad_accum} conflicts with train.tokens_per_step="
                             f"{self.tokens_per_step}: accumulation is derived from tokens_per_step; "
@@ -196,6 +204,16 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise _unknown_key(key, "command line")
         _set_dotted(raw, key, _coerce(_parse_scalar(value), tp, key, "command line"), "command line")
     return Config.from_dict(raw, source=path or "config")
+
+
+def parse_duration(text: str, key: str) -> float | None:
+    """Seconds in a duration such as `90s`, `5m`, `2h`, `1d` or a bare number of seconds; None for ""."""
+    if not text.strip():
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*", text)
+    if not m or float(m[1]) <= 0:
+        raise UserError(f"{key}={text!r} is not a positive duration like 90s, 5m, 2h or 1d")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
 
 
 def all_keys(cls=Config, prefix="") -> list[str]:

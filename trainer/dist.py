@@ -247,8 +247,28 @@ def full_state(model: torch.nn.Module, optimizers) -> tuple[dict, dict]:
             get_optimizer_state_dict(model, optimizers.optimizers, options=opts))
 
 
-def load_full_state(model: torch.nn.Module, optimizers, model_state: dict, optim_state: dict):
-    """Load a full checkpoint into a model of any parallel mode: each rank keeps its shard."""
+def load_full_state(model: torch.nn.Module, optimizers, model_state: dict, optim_state: dict, path):
+    """Load a full checkpoint into a model of any parallel mode: each rank keeps its shard.
+    Weights that do not fit the architecture are refused in one line."""
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=opts)
+    try:
+        set_model_state_dict(model, model_state, options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:
+        detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: weights do not fit the model's architecture ({detail[:200]})") from None
     set_optimizer_state_dict(model, optimizers.optimizers, optim_state, options=opts)
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as the full local tensor; other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def agree(d: Dist, device: torch.device, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank when true on any (one small all-reduce, a sync; call it at a
+    point that every rank reaches)."""
+    if not d.enabled:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
