@@ -211,7 +211,7 @@ def test_a_real_full_disk_stops_the_run_with_one_line_and_the_previous_checkpoin
     (["model.dropout=1.5"], ["model.dropout=1.5"]),
     (["train.max_time=soon"], ["train.max_time='soon'"]),
     (["train.keep_last=-1"], ["train.keep_last=-1"]),
-    (["data.input=/no/such/corpus.txt", "data.prepared_dir="], ["data.input: no such file: /no/such/corpus.txt"]),
+    (["data.input=/no/such/corpus.txt", "data.prepared_dir="], ["data.input: no such file or folder: /no/such/corpus.txt"]),
 ])
 def test_bad_config_values(data, tmp_path, capsys, overrides, expected):
     fails(capsys, train.main, train_args(data, tmp_path / "run", *overrides), *expected)
