@@ -51,6 +51,9 @@ class KVCache:
         self.pos = 0  # positions seen so far
         self.k = self.v = None
 
+    # Kept out of torch.compile: its Python-int bookkeeping would make the compiler specialise
+    # (and recompile) on every position; the model's math around it compiles with dynamic shapes.
+    @torch.compiler.disable
     def update(self, k, v):
         B, H, T, D = k.shape
         W = self.window
