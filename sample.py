@@ -158,7 +158,7 @@ def main(argv=None):
             if not line:  # end of input: Ctrl-D or the end of a pipe
                 break
             try:
-                run(line.rstrip("\n"), echo_prompt=False)
+                run(line.rstrip("\r\n"), echo_prompt=False)
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed = True

@@ -97,15 +97,20 @@ class Context:
         self.caches = None
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._rolling(tokens) if self.rolling else self._restarting(tokens)
+
+    def _rolling(self, tokens):
         n = tokens.shape[1]
-        if self.rolling:
-            if not self.use_cache:
-                s = max(0, n - self.reach)
-                return self.model(tokens[:, s:], start_pos=s)[0][:, -1]
-            if self.caches is None:
-                self.fed = max(0, n - self.reach)  # older tokens cannot reach the next one
-                self.caches = self._new_caches()
-            return self._feed(tokens, start_pos=self.fed)
+        if not self.use_cache:
+            s = max(0, n - self.reach)
+            return self.model(tokens[:, s:], start_pos=s)[0][:, -1]
+        if self.caches is None:
+            self.fed = max(0, n - self.reach)  # older tokens cannot reach the next one
+            self.caches = self._new_caches()
+        return self._feed(tokens, start_pos=self.fed)
+
+    def _restarting(self, tokens):
+        n = tokens.shape[1]
         if self.start is None:
             self.start = max(0, n - self.window)
         elif n - self.start > self.window:
@@ -166,7 +171,7 @@ def sample_next(logits, context, s: Sampling, generator=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
+def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
              generator: torch.Generator | None = None, eot_id: int | None = None, use_cache: bool = True,
              finished: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Continue idx (B, T) and yield each step's tokens (B,): a row's token, or -1 once the row
@@ -174,6 +179,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling =
     in `finished` (a (B,) bool tensor it passed in, read before every step). Stops after
     max_new_tokens steps or when every row has finished."""
     model.eval()
+    sampling = sampling or Sampling()
     context = Context(model, use_cache)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if finished is None else finished
     tokens = idx
