@@ -7,7 +7,7 @@ The model is nanoGPT's Shakespeare-char shape (6 layers, 6 heads, 384 wide, 256 
 Every run starts from a one-token prompt and samples `--tokens` tokens (temperature 0.8,
 top-k 200, as nanoGPT's sample.py), so it runs well past the context window. It reports:
 
-1. tokens/s with the cache (`model.generate`) and without it, where the baseline is
+1. tokens/s with the cache (`model.generate.generate`) and without it, where the baseline is
    nanoGPT's loop: crop to the last block_size tokens and run the whole window for every token;
    and their ratio;
 2. a batch of 8 samples against 8 samples one after the other (both with the cache);

@@ -48,8 +48,8 @@ class Rotary(nn.Module):
     """Rotary position embedding tables; `cos`/`sin` have shape (max_len, head_dim // 2).
 
     The tables start at the training context and grow (doubling) when asked for later
-    positions, so generation can run past block_size. Angles are computed in float64: at
-    position 1e5 a float32 product is off by ~1e-2 rad, which would break the property that
+    positions, so generation can run past block_size. Angles are computed in float64: near
+    position 1e5 a float32 angle is off by up to ~4e-3 rad, which would blur the property that
     scores depend only on relative offsets."""
 
     def __init__(self, head_dim: int, base: float, max_len: int):
