@@ -1,87 +1,233 @@
 """Autoregressive generation with a KV cache, beside the model and using its blocks.
 
-The prompt is prefilled in one forward pass that fills each block's cache; every new token
-then costs one position. When the context window fills, the cache is rebuilt from the last
-half of the window (one prefill per block_size/2 tokens, so the cost stays amortised);
-without the cache (`use_cache=False`, the slow reference path) the window is simply cropped.
+The prompt is prefilled in one forward pass that fills each block's `KVCache`; every new token
+then costs one position. What happens when the context window (block_size) fills depends on
+how the model encodes positions, and `Context` owns that policy for both paths:
 
-Sampling: temperature (0 = greedy), top-k, top-p (nucleus), all from a caller-owned
-`torch.Generator`, so a seed gives the same text on a given device.
+- Learned positions have no embedding past block_size and cannot slide (every token's
+  position would change), so the window restarts from its last half: one prefill of
+  block_size/2 tokens per block_size/2 new tokens, an amortised cost. A prompt longer than
+  the window keeps its last block_size tokens.
+- Rotary positions only ever enter attention as offsets, so the cache rolls: it keeps the
+  last block_size keys, already rotated at their absolute positions (the rotary tables grow
+  on demand), and each query sees the block_size latest keys, as in training. This is
+  sliding-window attention; deeper layers still carry older context through the cached keys.
+
+`use_cache=False` is the slow reference path (`sample.py --no-kv-cache`): it recomputes, for
+every token, a full forward pass of exactly what the cached path computes, so the two give the
+same tokens and can be checked against each other. For learned positions that is the current
+window; for rotary ones the last n_layer * (block_size - 1) + 1 tokens at their absolute
+positions, since a sliding window of block_size per layer reaches back exactly that far.
+
+Sampling (`Sampling`): vocabulary limit (padded ids the tokenizer cannot decode), repetition
+penalty, then temperature 0 = greedy, or temperature, top-k, top-p, drawn from a caller-owned
+`torch.Generator`, so a seed gives the same text on a given device. A batch of samples shares
+one prompt and runs as one batch; each row finishes on its own (end-of-text, or the caller
+marks it, e.g. on a stop string) and the loop ends when all have. `TextStream` turns one
+row's tokens into text: whole UTF-8 characters only, cut at the first stop string.
 """
 
 from __future__ import annotations
 
+import codecs
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 
 class KVCache:
-    """Keys and values of one block for positions [0, pos), preallocated to max_len."""
+    """Keys and values of one block for its latest `window` positions.
 
-    def __init__(self, batch: int, n_kv_head: int, head_dim: int, max_len: int, device, dtype):
-        self.k = torch.zeros(batch, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.pos = 0
+    A ring buffer: position p lives in slot p % window, allocated on first use with the
+    batch, heads (n_kv_head: grouped-query attention caches only the shared heads) and dtype
+    of the keys it is given (so autocast needs no special case). `update` returns what the new
+    queries attend to: for one new query, the valid slots (in any order once the ring has
+    wrapped, which attention does not mind, and all within its window); for several, the
+    cached keys in order followed by the new ones, for `attention_mask` to slice."""
 
+    def __init__(self, window: int):
+        self.window = window
+        self.pos = 0  # positions seen so far
+        self.k = self.v = None
+
+    # Kept out of torch.compile: its Python-int bookkeeping would make the compiler specialise
+    # (and recompile) on every position; the model's math around it compiles with dynamic shapes.
+    @torch.compiler.disable
     def update(self, k, v):
-        T = k.shape[2]
-        self.k[:, :, self.pos:self.pos + T] = k
-        self.v[:, :, self.pos:self.pos + T] = v
+        B, H, T, D = k.shape
+        W = self.window
+        if self.k is None:
+            self.k = k.new_zeros(B, H, W, D)
+            self.v = torch.zeros_like(self.k)
+        if T == 1:  # the decode step: no copy of the past, no mask
+            slot = self.pos % W
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.pos += 1
+            n = min(self.pos, W)
+            return self.k[:, :, :n], self.v[:, :, :n]
+        cached = torch.arange(self.pos - min(self.pos, W), self.pos, device=k.device) % W
+        k_all = torch.cat([self.k[:, :, cached], k], dim=2)
+        v_all = torch.cat([self.v[:, :, cached], v], dim=2)
+        keep = min(T, W)
+        slots = torch.arange(self.pos + T - keep, self.pos + T, device=k.device) % W
+        self.k[:, :, slots] = k[:, :, T - keep:]
+        self.v[:, :, slots] = v[:, :, T - keep:]
         self.pos += T
-        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+        return k_all, v_all
 
 
-def new_caches(model, batch: int, device, dtype) -> list[KVCache]:
-    c = model.cfg
-    return [KVCache(batch, c.n_kv_head or c.n_head, c.n_embd // c.n_head, c.block_size, device, dtype)
-            for _ in range(c.n_layer)]
+class Context:
+    """What the model sees of a growing token sequence, and its logits for the next token.
+
+    `next_logits(tokens)` takes the whole sequence so far (B, N), prompt included, and returns
+    (B, vocab) logits; with the cache it feeds only the tokens it has not seen yet."""
+
+    def __init__(self, model, use_cache: bool = True):
+        self.model = model
+        self.use_cache = use_cache
+        cfg = model.cfg
+        self.window = cfg.block_size
+        self.rolling = cfg.pos == "rope"
+        # How far back a rotary model's last position can see through n_layer sliding windows.
+        self.reach = cfg.n_layer * (cfg.block_size - 1) + 1
+        self.start = None  # first token of the current window (learned positions)
+        self.fed = 0  # tokens already in the caches
+        self.caches = None
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._rolling(tokens) if self.rolling else self._restarting(tokens)
+
+    def _rolling(self, tokens):
+        n = tokens.shape[1]
+        if not self.use_cache:
+            s = max(0, n - self.reach)
+            return self.model(tokens[:, s:], start_pos=s)[0][:, -1]
+        if self.caches is None:
+            self.fed = max(0, n - self.reach)  # older tokens cannot reach the next one
+            self.caches = self._new_caches()
+        return self._feed(tokens, start_pos=self.fed)
+
+    def _restarting(self, tokens):
+        n = tokens.shape[1]
+        if self.start is None:
+            self.start = max(0, n - self.window)
+        elif n - self.start > self.window:
+            self.start = n - max(1, self.window // 2)
+            self.caches = None
+        if not self.use_cache:
+            return self.model(tokens[:, self.start:])[0][:, -1]
+        if self.caches is None:
+            self.caches, self.fed = self._new_caches(), self.start
+        return self._feed(tokens, start_pos=self.fed - self.start)
+
+    def _feed(self, tokens, start_pos: int):
+        logits, _ = self.model(tokens[:, self.fed:], kv_caches=self.caches, start_pos=start_pos)
+        self.fed = tokens.shape[1]
+        return logits[:, -1]
+
+    def _new_caches(self) -> list[KVCache]:
+        return [KVCache(self.window) for _ in range(self.model.cfg.n_layer)]
 
 
-def sample_next(logits, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """One token id per row from logits (B, V)."""
-    if temperature == 0:
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in the context
+    vocab_limit: int | None = None  # ids >= this are never drawn (vocabulary padding)
+
+
+def penalise_repetition(logits, context, penalty: float):
+    """CTRL's repetition penalty: the logit of every token present in the row's context
+    (prompt included) is divided by `penalty` when positive and multiplied when negative."""
+    seen = logits.gather(1, context)
+    return logits.scatter(1, context, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def sample_next(logits, context, s: Sampling, generator=None) -> torch.Tensor:
+    """One token id per row from logits (B, V); context (B, N) is the sequence so far."""
+    logits = logits.float()
+    if s.vocab_limit is not None and s.vocab_limit < logits.size(-1):
+        padding = torch.arange(logits.size(-1), device=logits.device) >= s.vocab_limit
+        logits = logits.masked_fill(padding, float("-inf"))
+    if s.repetition_penalty != 1.0:
+        logits = penalise_repetition(logits, context, s.repetition_penalty)
+    if s.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if s.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p (the top one stays).
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p
+        drop = probs.cumsum(dim=-1) - probs >= s.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, generator: torch.Generator | None = None, vocab_limit: int | None = None,
-             use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token (B,) for each of max_new_tokens steps, continuing idx (B, T).
-    vocab_limit masks padded vocabulary ids the tokenizer cannot decode."""
+def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
+             generator: torch.Generator | None = None, eot_id: int | None = None, use_cache: bool = True,
+             finished: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Continue idx (B, T) and yield each step's tokens (B,): a row's token, or -1 once the row
+    has finished. A row finishes after yielding `eot_id`, or when the caller sets its entry
+    in `finished` (a (B,) bool tensor it passed in, read before every step). Stops after
+    max_new_tokens steps or when every row has finished."""
     model.eval()
-    block = model.cfg.block_size
-    dtype = next(model.parameters()).dtype
+    sampling = sampling or Sampling()
+    context = Context(model, use_cache)
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if finished is None else finished
     tokens = idx
-    caches = None
     for _ in range(max_new_tokens):
-        if not use_cache:
-            logits, _ = model(tokens[:, -block:])
-        else:
-            if caches is None or tokens.shape[1] > block:
-                # (Re)build: prefill the last half window (all of a short prompt) in one pass.
-                keep = tokens[:, -(block // 2 or 1):] if tokens.shape[1] > block else tokens
-                tokens = keep
-                caches = new_caches(model, tokens.shape[0], tokens.device, dtype)
-                logits, _ = model(tokens, kv_caches=caches, start_pos=0)
-            else:
-                logits, _ = model(tokens[:, -1:], kv_caches=caches, start_pos=tokens.shape[1] - 1)
-        logits = logits[:, -1, :]
-        if vocab_limit is not None:
-            logits[:, vocab_limit:] = float("-inf")
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if finished.all():
+            return
+        nxt = sample_next(context.next_logits(tokens), tokens, sampling, generator)
+        nxt = nxt.masked_fill(finished, -1)
+        if eot_id is not None:
+            finished |= nxt == eot_id
+        # A finished row keeps computing (rows are independent) on a harmless token.
+        tokens = torch.cat([tokens, nxt.clamp(min=0)[:, None]], dim=1)
         yield nxt
+
+
+class TextStream:
+    """One sample's text, fed a token at a time. `feed` returns the text that is now final:
+    whole UTF-8 characters only (a character may span tokens), and never a tail that could
+    still grow into a stop string, so streamed text never has to be taken back. When the text
+    contains a stop string it is cut just before it and `done` becomes true."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded but not yet released
+        self.text = ""  # released so far
+        self.done = False
+
+    def feed(self, token: int) -> str:
+        if self.done:
+            return ""
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        return self._release(final=False)
+
+    def close(self) -> str:
+        """The rest of the text, once generation is over."""
+        if not self.done:
+            self.pending += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending, self.done = self.pending[:min(hits)], "", True
+        else:
+            hold = 0 if final else max((k for s in self.stop for k in range(1, len(s))
+                                        if self.pending.endswith(s[:k])), default=0)
+            out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        self.text += out
+        return out

@@ -10,7 +10,8 @@ Interface, shared by training, evaluation and generation:
     logits, loss = model(idx, targets=None, kv_caches=None, start_pos=0)
 idx (B, T) token ids; logits (B, T, vocab); loss is the mean cross-entropy over targets that
 are not -1, or None without targets. With kv_caches (one per block), idx holds the T tokens
-after the `start_pos` tokens already cached.
+after the `start_pos` tokens already cached. With learned positions start_pos + T must fit in
+block_size; rotary models accept any length (attention then slides over a block_size window).
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_caches=None, start_pos: int = 0):
         B, T = idx.shape
         end = start_pos + T
-        if end > self.cfg.block_size:
-            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
+        if end > self.cfg.block_size and self.wpe is not None:
+            # Rotary models run past the context with sliding-window attention (model/layers.py).
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} "
+                             f"(learned positions have no embedding beyond it)")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start_pos, end, device=idx.device))

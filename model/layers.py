@@ -7,6 +7,8 @@
   kernels on GPU and a fused kernel on CPU. `n_kv_head < n_head` shares each key/value head
   across a group of query heads (GQA; 1 = multi-query), shrinking the KV cache. Optional
   QK-norm normalises each head's queries and keys, which keeps logits bounded at high lr.
+  A query sees at most block_size keys: longer sequences (rotary models generating past
+  their context) get a sliding window, see `attention_mask`.
 - MLP: `gelu` (GPT-2), `swiglu` (gated, LLaMA), `relu2` (squared ReLU, modded-nanogpt).
 
 Every linear layer whose output is added to the residual stream is named `c_proj`; `GPT`
@@ -43,17 +45,28 @@ NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables; `cos`/`sin` have shape (max_len, head_dim // 2)."""
+    """Rotary position embedding tables; `cos`/`sin` have shape (max_len, head_dim // 2).
+
+    The tables start at the training context and grow (doubling) when asked for later
+    positions, so generation can run past block_size. Angles are computed in float64: near
+    position 1e5 a float32 angle is off by up to ~4e-3 rad, which would blur the property that
+    scores depend only on relative offsets."""
 
     def __init__(self, head_dim: int, base: float, max_len: int):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self._build(max_len, device="cpu")
+
+    def _build(self, max_len: int, device):
+        # On the CPU, because some devices (MPS) have no float64.
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), self.inv_freq)
         # Not saved in checkpoints: they are a pure function of the config.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
+        self.register_buffer("sin", angles.sin().float().to(device), persistent=False)
 
     def forward(self, start: int, length: int):
+        if start + length > self.cos.shape[0]:
+            self._build(max(start + length, 2 * self.cos.shape[0]), self.cos.device)
         return self.cos[start:start + length], self.sin[start:start + length]
 
 
@@ -64,6 +77,20 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+def attention_mask(T: int, S: int, window: int, device):
+    """Which of S keys each of the T newest queries may see, or None where SDPA's own causal
+    flag (T == S) or no mask at all (one query over a cache that holds only its window) is right.
+    The keys are the S latest positions in order; query i sits at position S - T + i and sees
+    keys at most `window - 1` positions back: causal within the new block, full over a cached
+    past, and a sliding window once a rotary model runs past its context (beyond block_size
+    each layer still sees block_size keys, as in training, and depth carries older context)."""
+    if T == 1 or (T == S and S <= window):
+        return None
+    q = torch.arange(S - T, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None, :]
+    return (key <= q) & (q - key < window)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -72,6 +99,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
         self.qk_norm = cfg.qk_norm
+        self.window = cfg.block_size  # a query sees at most this many keys (itself included)
         kv_dim = self.n_kv_head * self.head_dim
         # One matmul for queries, keys and values.
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
@@ -93,14 +121,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        # With a cache, T new queries attend to all S cached keys: causal within the new block,
-        # full over the past. SDPA's is_causal aligns the mask top-left, so build it here.
-        S = k.shape[2]
-        mask = None
-        if S != T and T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        mask = attention_mask(T, k.shape[2], self.window, x.device)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(S == T and T > 1),
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)

@@ -62,7 +62,7 @@ def test_pairwise_combinations_overfit_a_batch(options):
 @pytest.mark.parametrize("options", pairwise_cover()[:6], ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_variant_checkpoints_load_in_sample(options, tmp_path):
     import sample
-    from model.generate import generate
+    from model.generate import Sampling, generate
 
     cfg = Config()
     cfg.model = tiny(**options)
@@ -73,5 +73,5 @@ def test_variant_checkpoints_load_in_sample(options, tmp_path):
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     idx = torch.tensor([tokenizer.encode("abc")])
-    out = [t.item() for t in generate(loaded, idx, 20, temperature=0.0)]
+    out = [t.item() for t in generate(loaded, idx, 20, Sampling(temperature=0.0))]
     assert len(out) == 20 and all(0 <= t < 40 for t in out)
