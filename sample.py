@@ -32,7 +32,7 @@ from model.generate import Sampling, TextStream, generate
 from trainer.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 from trainer.config import Config
 from trainer.errors import UserError, report_user_errors
-from trainer.runtime import Runtime, pick_device, pick_dtype
+from trainer.runtime import Runtime, compile_with_fallback, pick_device, pick_dtype
 
 
 def load_model(ckpt_path: str, device: torch.device):
@@ -137,7 +137,8 @@ def main(argv=None):
         model, tokenizer, path = load_model(args.ckpt, device)
         if args.compile:
             # Dynamic shapes: the prefill length and the cache length change from call to call.
-            model.compile(dynamic=True)
+            log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+            model.forward = compile_with_fallback(model.forward, log=log, dynamic=True)
 
         def run(prompt: str, echo_prompt: bool):
             t0 = time.perf_counter()

@@ -39,7 +39,7 @@ from trainer.guard import StepGuard, guarded_step
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
 from trainer.rundir import check_resume_config, rewind_run, write_config
-from trainer.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
+from trainer.runtime import compile_with_fallback, rng_state, seed_everything, set_rng_state, setup_runtime
 from trainer.signals import StopRequest
 
 
@@ -123,7 +123,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     seed_rank_streams(d, cfg.train.seed, start_iter)
     if d.is_main:
         write_config(cfg)
-    step_model = torch.compile(wrapped) if cfg.train.compile else wrapped
+    # Compiling pays on CUDA; small CPU models spend longer compiling than it saves.
+    compiling = cfg.train.compile and rt.device.type == "cuda"
+    step_model = compile_with_fallback(wrapped, log=tqdm.write) if compiling else wrapped
 
     def checkpoint(it: int, val_loss: float | None):
         nonlocal best_val

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from model import GPT  # noqa: E402
 from model.generate import Sampling, generate, sample_next  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.runtime import pick_device  # noqa: E402
+from trainer.runtime import compile_with_fallback, pick_device  # noqa: E402
 
 SAMPLING = Sampling(temperature=0.8, top_k=200)
 
@@ -107,7 +107,7 @@ def main():
     print(f"speed-up        {batched / sequential:10.1f}x")
 
     if device.type == "cuda" and not args.no_compile:
-        model.compile(dynamic=True)
+        model.forward = compile_with_fallback(model.forward, dynamic=True)
         compiled = tokens_per_s(cached, model, 1, n, device)
         compiled_batch = tokens_per_s(cached, model, args.batch, n, device)
         print(f"compiled        {compiled:10.1f} tokens/s   (batch of 1; {compiled / with_cache:.1f}x eager)")

@@ -89,6 +89,8 @@ class _Windows:
         self.data, self.batch_size, self.block_size, self.seed = data, batch_size, block_size, seed
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self._pin = self.device.type == "cuda"
+        # On CPU the reads cost microseconds and a second thread only contends with torch's own.
+        prefetch = prefetch and self.device.type == "cuda"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader") if prefetch else None
         self._ahead = None  # (the batch prepared ahead, or its future; the position after it)
         self._handed = None  # the position after the last batch handed out, while one is ahead

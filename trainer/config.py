@@ -123,7 +123,7 @@ class OptimConfig:
 class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model
+    compile: bool = True  # torch.compile the model on CUDA (falls back to eager if it fails); CPU stays eager
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     seed: int = 1337
     batch_size: int = 12  # sequences per micro-batch

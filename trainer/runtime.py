@@ -102,3 +102,25 @@ def set_rng_state(state: dict):
 
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def compile_with_fallback(module, log=print, **compile_options):
+    """torch.compile(module) (a module or function), falling back to the eager one, with one line
+    saying why, when compilation fails (an unsupported toolchain, a compiler bug): a run should
+    not die of it."""
+    compiled = torch.compile(module, **compile_options)
+    current = [compiled]
+
+    def call(*args, **kwargs):
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as e:  # Dynamo/Inductor raise many types; an eager failure re-raises below
+            if current[0] is module:
+                raise
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            log(f"torch.compile failed ({type(e).__name__}: {reason}); continuing without it")
+            current[0] = module
+            return module(*args, **kwargs)
+
+    return call
+
