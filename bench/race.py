@@ -7,8 +7,9 @@ over the whole val split, and stop at the first evaluation at or below the targe
 (`train.stop_at_val_loss`). The time to the target is the training time up to that evaluation
 (`train_time_s` in metrics.jsonl: wall time minus evaluation and checkpoint time, so each
 recipe's evaluation schedule does not tilt the race); the full wall time is printed beside it.
-The classic recipe is nanoGPT's documented CPU run (configs/classic-cpu.yaml): if it misses the
-target within its 2,000 iterations, its time is a lower bound and the ratio an upper bound.
+The classic recipe is nanoGPT's documented CPU run (configs/classic-cpu.yaml), allowed to continue
+past its 2,000 iterations at min_lr until it reaches the target (within 4,000; if it never does,
+its time is a lower bound and the ratio an upper bound).
 """
 
 import argparse
@@ -17,7 +18,10 @@ from pathlib import Path
 
 from common import REPO, machine, train_run
 
-RUNS = [("classic (nanoGPT CPU recipe)", "configs/classic-cpu.yaml", ["train.eval_interval=100"]),
+# The classic recipe decays to min_lr at iteration 2,000 and usually sits just above 1.88 there
+# (about 1.89); it continues at min_lr, as nanoGPT does when max_iters > lr_decay_iters, until it
+# gets there.
+RUNS = [("classic (nanoGPT CPU recipe)", "configs/classic-cpu.yaml", ["train.eval_interval=100", "train.max_iters=4000"]),
         ("speedrun-cpu", "configs/speedrun-cpu.yaml", [])]
 
 
