@@ -38,7 +38,7 @@ from trainer.errors import UserError, report_user_errors
 from trainer.guard import StepGuard, guarded_step
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
-from trainer.rundir import check_resume_config, rewind_run, write_config
+from trainer.rundir import METRICS, check_resume_config, rewind_run, write_config
 from trainer.runtime import compile_with_fallback, rng_state, seed_everything, set_rng_state, setup_runtime
 from trainer.signals import StopRequest
 
@@ -147,7 +147,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     tqdm.write(f"model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                f"device {rt.device}, {str(rt.dtype).removeprefix('torch.')}, parallel {d.parallel}; "
                f"batch {plan.describe()}; train {train_data.num_tokens:,} tokens, val {val_data.num_tokens:,}")
-    metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl") if d.is_main else NullLog()
+    metrics = MetricsLog(Path(cfg.out_dir) / METRICS) if d.is_main else NullLog()
     bar = closing.enter_context(tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True,
                                      disable=not d.is_main))
     run_start = time.perf_counter()

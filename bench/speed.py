@@ -12,6 +12,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from common import machine, train_run
 
 
@@ -28,11 +30,11 @@ def main():
         run = train_run(args.config, Path(tmp) / "out", *args.overrides, f"train.max_iters={total}",
                         f"train.log_interval={args.log_every}", f"train.eval_interval={total + 1}",
                         "train.eval_batches=1")
-        config = (Path(tmp) / "out" / "config.yaml").read_text()
-    import yaml
-
-    cfg = yaml.safe_load(config)
-    tokens_per_step = cfg["train"]["batch_size"] * cfg["model"]["block_size"] * cfg["train"]["grad_accum"]
+        cfg = yaml.safe_load((Path(tmp) / "out" / "config.yaml").read_text())
+    # One process: a set tokens_per_step is the step; otherwise batch x context x accumulation.
+    train_cfg = cfg["train"]
+    tokens_per_step = train_cfg["tokens_per_step"] or (
+        train_cfg["batch_size"] * cfg["model"]["block_size"] * train_cfg["grad_accum"])
     rows = [r for r in run["rows"] if "tokens_per_sec" in r and r["iter"] > args.warmup]
     tok_s = statistics.median(r["tokens_per_sec"] for r in rows)
     mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]

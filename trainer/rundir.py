@@ -26,8 +26,8 @@ from trainer.checkpoint import BEST, LATEST, history, load_checkpoint
 from trainer.config import Config
 from trainer.errors import UserError
 
-RUN_FILES = (LATEST, BEST, "metrics.jsonl", "config.yaml")
 METRICS = "metrics.jsonl"
+RUN_FILES = (LATEST, BEST, METRICS, "config.yaml")
 RESUME_SAFE_KEYS = {
     "train.max_iters", "train.eval_interval", "train.eval_batches", "train.log_interval",
     "train.compile", "train.threads", "train.device", "train.stop_at_val_loss", "data.prepared_dir",
