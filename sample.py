@@ -8,6 +8,9 @@ generate -> stream. The checkpoint carries its tokenizer, so no corpus or networ
 Text goes to stdout; everything else (the summary `generated N tokens in T s (R tokens/s)`,
 errors, the REPL's `> `) to stderr, so the output pipes cleanly.
 
+On CUDA each new token's step is replayed from a CUDA graph captured at the first one
+(model/generate.py's DecodeStep); `--no-cuda-graph` launches the kernels one by one instead.
+
 Several samples run as one batch. The first one streams as it is produced (someone is
 watching); the others are printed whole after it, in order, once the batch is done, each
 sample followed by a dashed line. Interleaving them live would make the output unreadable.
@@ -77,7 +80,8 @@ def answer(prompt: str, echo_prompt: bool, model, tokenizer, args, rt: Runtime) 
     made = 0
     with rt.autocast:
         for step in generate(model, idx, args.max_new_tokens, sampling, generator, tokenizer.eot_id,
-                             use_cache=not args.kv_cache_off, finished=finished):
+                             use_cache=not args.kv_cache_off, finished=finished,
+                             decode="graph" if rt.device.type == "cuda" and not args.no_cuda_graph else "dynamic"):
             for i, tok in enumerate(step.tolist()):
                 if tok < 0:
                     continue
@@ -118,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", help="auto (bf16/fp16 autocast on GPU, fp32 elsewhere) | float32 | bfloat16 | float16")
     ap.add_argument("--no-kv-cache", dest="kv_cache_off", action="store_true",
                     help="recompute the whole context for every token (slow; for checking the cache)")
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="on CUDA, launch each token's kernels from Python instead of replaying a CUDA graph")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = ap.parse_args(argv)

@@ -11,7 +11,8 @@ top-k 200, as nanoGPT's sample.py), so it runs well past the context window. It 
    nanoGPT's loop: crop to the last block_size tokens and run the whole window for every token;
    and their ratio;
 2. a batch of 8 samples against 8 samples one after the other (both with the cache);
-3. on CUDA, the cached path again with `torch.compile`.
+3. on CUDA, the cached path with its one-token steps replayed from a CUDA graph (sample.py's
+   default there), then the same with the model compiled (`sample.py --compile`).
 
 Timing is wall clock around whole generations, after one short warm-up, with the device
 synchronised. `--quick` shortens everything for a smoke test.
@@ -52,16 +53,20 @@ def nanogpt_loop(model, idx, n, generator):
     return idx
 
 
-def cached(model, idx, n, generator):
-    for _ in generate(model, idx, n, SAMPLING, generator):
-        pass
+def cached(decode="dynamic"):
+    def run(model, idx, n, generator):
+        for _ in generate(model, idx, n, SAMPLING, generator, decode=decode):
+            pass
+    return run
 
 
-def tokens_per_s(fn, model, batch, n, device, repeats=1) -> float:
-    """Tokens made per second by `repeats` calls of fn generating n tokens for `batch` rows."""
+def tokens_per_s(fn, model, batch, n, device, repeats=1, warmup=8) -> float:
+    """Tokens made per second by `repeats` calls of fn generating n tokens for `batch` rows,
+    after a warm-up generation of `warmup` tokens (a compiled model needs all n: its shapes
+    change at every cache restart, and compiling is not generating)."""
     generator = torch.Generator(device=device).manual_seed(0)
     idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    fn(model, idx, min(n, 8), generator)  # warm-up: allocator, kernels, compilation
+    fn(model, idx, min(n, warmup), generator)  # warm-up: allocator, kernels, compilation
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -94,25 +99,31 @@ def main():
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {model.num_params() / 1e6:.1f}M parameters, "
           f"{args.pos} positions, {args.dtype}, {n} new tokens from a 1-token prompt")
 
-    with_cache = tokens_per_s(cached, model, 1, n, device)
+    with_cache = tokens_per_s(cached(), model, 1, n, device)
     without = tokens_per_s(nanogpt_loop, model, 1, n, device)
     print(f"KV cache        {with_cache:10.1f} tokens/s")
     print(f"no cache        {without:10.1f} tokens/s   (nanoGPT: whole window per token)")
     print(f"speed-up        {with_cache / without:10.1f}x")
 
-    batched = tokens_per_s(cached, model, args.batch, n, device)
-    sequential = tokens_per_s(cached, model, 1, n, device, repeats=args.batch)
+    batched = tokens_per_s(cached(), model, args.batch, n, device)
+    sequential = tokens_per_s(cached(), model, 1, n, device, repeats=args.batch)
     print(f"batch of {args.batch}      {batched:10.1f} tokens/s")
     print(f"{args.batch} sequential    {sequential:10.1f} tokens/s")
     print(f"speed-up        {batched / sequential:10.1f}x")
 
-    if device.type == "cuda" and not args.no_compile:
-        model.forward = compile_with_fallback(model.forward, dynamic=True)
-        compiled = tokens_per_s(cached, model, 1, n, device)
-        compiled_batch = tokens_per_s(cached, model, args.batch, n, device)
-        print(f"compiled        {compiled:10.1f} tokens/s   (batch of 1; {compiled / with_cache:.1f}x eager)")
-        print(f"compiled x{args.batch}     {compiled_batch:10.1f} tokens/s   ({compiled_batch / batched:.1f}x eager batch)")
-
+    if device.type != "cuda":
+        return
+    graphed = tokens_per_s(cached("graph"), model, 1, n, device)
+    graphed_batch = tokens_per_s(cached("graph"), model, args.batch, n, device)
+    print(f"CUDA graph      {graphed:10.1f} tokens/s   (batch of 1; {graphed / with_cache:.1f}x eager, "
+          f"{graphed / without:.1f}x no cache)")
+    print(f"CUDA graph x{args.batch}   {graphed_batch:10.1f} tokens/s   ({graphed_batch / batched:.1f}x eager batch)")
+    if not args.no_compile:
+        model.forward = compile_with_fallback(model.forward, log=print)
+        compiled = tokens_per_s(cached("graph"), model, 1, n, device, warmup=n)
+        compiled_batch = tokens_per_s(cached("graph"), model, args.batch, n, device, warmup=n)
+        print(f"compiled+graph  {compiled:10.1f} tokens/s   (batch of 1; {compiled / with_cache:.1f}x eager)")
+        print(f"compiled+graph x{args.batch} {compiled_batch:10.1f} tokens/s   ({compiled_batch / batched:.1f}x eager batch)")
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,8 @@ idx (B, T) token ids; logits (B, T, vocab); loss is the mean cross-entropy over 
 are not -1, or None without targets. With kv_caches (one per block), idx holds the T tokens
 after the `start_pos` tokens already cached. With learned positions start_pos + T must fit in
 block_size; rotary models accept any length (attention then slides over a block_size window).
+start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
+model/generate.py: one captured graph serves every position); the caller then checks the range.
 """
 
 from __future__ import annotations
@@ -53,16 +55,15 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_caches=None, start_pos: int = 0):
+    def forward(self, idx, targets=None, kv_caches=None, start_pos: int | torch.Tensor = 0):
         B, T = idx.shape
-        end = start_pos + T
-        if end > self.cfg.block_size and self.wpe is not None:
+        if isinstance(start_pos, int) and start_pos + T > self.cfg.block_size and self.wpe is not None:
             # Rotary models run past the context with sliding-window attention (model/layers.py).
-            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size} "
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.cfg.block_size} "
                              f"(learned positions have no embedding beyond it)")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start_pos, end, device=idx.device))
+            x = x + self.wpe(torch.arange(T, device=idx.device) + start_pos)
         rotary = self.rotary(start_pos, T) if self.rotary is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):

@@ -64,9 +64,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
         self.register_buffer("sin", angles.sin().float().to(device), persistent=False)
 
-    def forward(self, start: int, length: int):
-        if start + length > self.cos.shape[0]:
-            self._build(max(start + length, 2 * self.cos.shape[0]), self.cos.device)
+    def reserve(self, max_len: int):
+        """Make the tables cover positions below max_len (before a CUDA graph captures them)."""
+        if max_len > self.cos.shape[0]:
+            self._build(max(max_len, 2 * self.cos.shape[0]), self.cos.device)
+
+    def forward(self, start: int | torch.Tensor, length: int):
+        if isinstance(start, torch.Tensor):  # a captured decode step: positions on the device, tables reserved
+            positions = start + torch.arange(length, device=self.cos.device)
+            return self.cos[positions], self.sin[positions]
+        self.reserve(start + length)
         return self.cos[start:start + length], self.sin[start:start + length]
 
 
@@ -108,7 +115,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rotary=None, kv_cache=None):
         """x: (B, T, C). rotary: (cos, sin) for these T positions or None. kv_cache: an object
-        with `update(k, v) -> (k_all, v_all)` holding earlier positions, or None."""
+        with `update(k, v) -> (k_all, v_all, mask)` holding earlier positions, or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
@@ -120,8 +127,9 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
-        mask = attention_mask(T, k.shape[2], self.window, x.device)
+            k, v, mask = kv_cache.update(k, v)
+        else:
+            mask = attention_mask(T, T, self.window, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,

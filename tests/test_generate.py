@@ -62,11 +62,13 @@ def run(model, prompt, steps, sampling, seed=None, use_cache=True, eot_id=None):
     return torch.stack(list(generate(model, prompt, steps, sampling, gen, eot_id=eot_id, use_cache=use_cache)), 1)
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cached_logits_match_full_forward_every_step(arch):
+def test_cached_logits_match_full_forward_every_step(arch, decode):
+    # "static" is the fixed-shape step that CUDA graphs replay: every cache slot plus a mask.
     model = tiny_model(**ARCHS[arch])
     tokens = torch.randint(0, 50, (2, 4 * BLOCK), generator=torch.Generator().manual_seed(1))
-    cached, full = Context(model, use_cache=True), Context(model, use_cache=False)
+    cached, full = Context(model, use_cache=True, decode=decode), Context(model, use_cache=False)
     with torch.no_grad():
         for n in range(5, tokens.shape[1] + 1):  # prompt of 5, then well past the window
             torch.testing.assert_close(cached.next_logits(tokens[:, :n]), full.next_logits(tokens[:, :n]),
@@ -85,6 +87,27 @@ def test_greedy_with_and_without_cache_identical_past_the_window(arch):
     sampled = run(model, prompt, 3 * BLOCK, Sampling(), seed=0)
     assert len(set(sampled[0].tolist())) > 10
     assert torch.equal(sampled, run(model, prompt, 3 * BLOCK, Sampling(), seed=0, use_cache=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(arch):
+    model = tiny_model(**ARCHS[arch]).cuda()
+    prompt = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(2)).cuda()
+    greedy = Sampling(temperature=0, repetition_penalty=1.5)
+    graphed = torch.stack(list(generate(model, prompt, 3 * BLOCK, greedy, decode="graph")), 1)
+    assert torch.equal(graphed, torch.stack(list(generate(model, prompt, 3 * BLOCK, greedy)), 1))
+    # float32 and bf16 autocast (sample.py's default on a GPU): the replayed step's logits are the
+    # eager step's at every position, past the window too.
+    model.float()
+    tokens = torch.randint(0, 50, (3, 3 * BLOCK), generator=torch.Generator().manual_seed(5)).cuda()
+    for autocast, tol in ((False, 1e-5), (True, 3e-2)):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            graphed, dynamic = Context(model, decode="graph"), Context(model)
+            for n in range(5, tokens.shape[1] + 1):
+                a, b = graphed.next_logits(tokens[:, :n]).float(), dynamic.next_logits(tokens[:, :n]).float()
+                assert (a - b).abs().max() <= tol * b.abs().max(), (autocast, n)
+        assert graphed.step.graph is not None  # it really replayed a graph
 
 
 def test_gqa_caches_only_the_kv_heads():
@@ -130,9 +153,10 @@ def test_kv_cache_ring_keeps_latest_window_in_order_for_prefill():
     cache.update(k[:, :, :3], k[:, :, :3])
     cache.update(k[:, :, 3:4], k[:, :, 3:4])
     cache.update(k[:, :, 4:5], k[:, :, 4:5])  # wraps: position 4 overwrites position 0
-    k_all, _ = cache.update(k[:, :, 5:], k[:, :, 5:])
+    k_all, _, mask = cache.update(k[:, :, 5:], k[:, :, 5:])
+    assert mask is None
     assert sorted(k_all.flatten().tolist()) == [2.0, 3.0, 4.0, 5.0]  # one new query: its window, any order
-    keys, _ = cache.update(torch.tensor([[[[6.0], [7.0]]]]), torch.tensor([[[[6.0], [7.0]]]]))
+    keys, _, _ = cache.update(torch.tensor([[[[6.0], [7.0]]]]), torch.tensor([[[[6.0], [7.0]]]]))
     assert keys.flatten().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # cached in order, then new
 
 

@@ -124,6 +124,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = True  # torch.compile the model on CUDA (falls back to eager if it fails); CPU stays eager
+    attention: str = "auto"  # auto | flash | cudnn | efficient | math: the only attention kernel family allowed on CUDA; auto = PyTorch's pick
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     seed: int = 1337
     batch_size: int = 12  # sequences per micro-batch
@@ -151,6 +152,7 @@ class TrainConfig:
         _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss",
                   "ckpt_interval", "keep_last", "max_bad_steps", "spike_z")
         _choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
+        _choice(self, "train", "attention", ("auto", "flash", "cudnn", "efficient", "math"))
         parse_duration(self.max_time, "train.max_time")
         if self.tokens_per_step and self.grad_accum != 1:
             raise UserError(f"train.grad_accum={self.grad_accum} conflicts with train.tokens_per_step="

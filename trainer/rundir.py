@@ -30,7 +30,7 @@ METRICS = "metrics.jsonl"
 RUN_FILES = (LATEST, BEST, METRICS, "config.yaml")
 RESUME_SAFE_KEYS = {
     "train.max_iters", "train.eval_interval", "train.eval_batches", "train.log_interval",
-    "train.compile", "train.threads", "train.device", "train.stop_at_val_loss", "data.prepared_dir",
+    "train.compile", "train.attention", "train.threads", "train.device", "train.stop_at_val_loss", "data.prepared_dir",
     "data.prep_workers", "out_dir", "resume", "overwrite",
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout_s",  # same math, other layout
     "train.ckpt_interval", "train.keep_last", "train.max_time", "train.max_bad_steps", "train.spike_z",

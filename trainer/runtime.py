@@ -69,6 +69,12 @@ def setup_runtime(train_cfg) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        if train_cfg.attention != "auto":  # one kernel family only, so PyTorch cannot fall back to another
+            for name, enable in (("flash", torch.backends.cuda.enable_flash_sdp),
+                                 ("cudnn", torch.backends.cuda.enable_cudnn_sdp),
+                                 ("efficient", torch.backends.cuda.enable_mem_efficient_sdp),
+                                 ("math", torch.backends.cuda.enable_math_sdp)):
+                enable(name == train_cfg.attention)
     return Runtime(device, pick_dtype(train_cfg.dtype, device))
 
 
