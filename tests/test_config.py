@@ -35,6 +35,7 @@ def test_resolved_config_round_trips_through_yaml():
     ("model.block_size=0", "model.block_size=0 must be >= 1"),
     ("model.dropout=1.5", "model.dropout=1.5 must be in"),
     ("train.dtype=fp8", "train.dtype='fp8' is not one of"),
+    ("train.attention=fast", "train.attention='fast' is not one of: auto, flash, cudnn, efficient, math"),
     ("optim.schedule=linear", "optim.schedule='linear' is not one of"),
     ("model.pos=alibi", "model.pos='alibi' is not one of"),
 ])
