@@ -1,6 +1,6 @@
 """Classic-shape speed against a nanoGPT-equivalent training loop, in one run on one machine.
 
-    python bench/vs_nanogpt.py [--iters 300] [--threads 2]
+    python bench/vs_nanogpt.py [--iters 300] [--threads 2] [--rounds 3]
 
 The shape is nanoGPT's documented CPU run on Tiny Shakespeare (char): 4 layers, 4 heads, 128
 wide, context 64, batch 12, AdamW lr 1e-3, no dropout. Both sides are timed the same way:
@@ -13,12 +13,18 @@ reading the loss) over `--iters` iterations, no evaluation.
   `loss.item()` every iteration as its `--log_interval=1` does). nanoGPT itself is not vendored.
 - This trainer: `train.py configs/classic-cpu.yaml` as a subprocess with `log_interval=1`, its
   per-iteration tokens/s read from metrics.jsonl (bench/speed.py's method).
+
+Each side runs in a fresh process, alternating, for `--rounds` rounds: on a shared machine the
+speed drifts by tens of percent from minute to minute, so the ratio is taken within each round
+(two neighbouring runs) and the median round is reported.
 """
 
 import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,33 +92,50 @@ class NanoGPTLoop:
         return X, Y
 
 
+def baseline_ms(prepared: Path, iters: int, threads: int) -> list[float]:
+    """Per-iteration milliseconds of the nanoGPT-equivalent loop, after 10 warm-up iterations."""
+    torch.set_num_threads(threads)
+    meta = json.loads((prepared / "meta.json").read_text())
+    loop = NanoGPTLoop(prepared / meta["splits"]["train"][0]["file"], vocab=meta["vocab_size"])
+    X, Y = loop.get_batch()
+    times = []
+    for it in range(iters):
+        t0 = time.perf_counter()
+        X, Y = loop.iteration(it, X, Y)
+        times.append(1000 * (time.perf_counter() - t0))
+    return times[10:]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline-in", type=Path, help=argparse.SUPPRESS)  # the child process running the baseline
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = train_run(str(REPO / "configs/classic-cpu.yaml"), Path(tmp) / "out", f"train.max_iters={args.iters}",
-                        "train.log_interval=1", f"train.eval_interval={args.iters + 1}", "train.eval_batches=1",
-                        f"train.threads={args.threads}", f"data.prepared_dir={tmp}/prep")
-        ours = [B * T / r["tokens_per_sec"] for r in run["rows"] if "tokens_per_sec" in r][10:]
-        meta = json.loads((Path(tmp) / "prep" / "meta.json").read_text())
-        loop = NanoGPTLoop(Path(tmp) / "prep" / meta["splits"]["train"][0]["file"], vocab=meta["vocab_size"])
-        X, Y = loop.get_batch()
-        base = []
-        for it in range(args.iters):
-            t0 = time.perf_counter()
-            X, Y = loop.iteration(it, X, Y)
-            base.append(time.perf_counter() - t0)
-        base = base[10:]
-    ours_ms, base_ms = 1000 * statistics.median(ours), 1000 * statistics.median(base)
+    if args.baseline_in:
+        print(json.dumps(baseline_ms(args.baseline_in, args.iters, args.threads)))
+        return
     print(f"machine: {machine()}, {args.threads} threads")
-    print(f"nanoGPT-equivalent loop: {base_ms:.1f} ms/iter ({B * T / base_ms * 1000:,.0f} tokens/s)")
-    print(f"this trainer:            {ours_ms:.1f} ms/iter ({B * T / ours_ms * 1000:,.0f} tokens/s)")
-    print(f"tokens/s ratio (this / nanoGPT-equivalent): {base_ms / ours_ms:.2f}x "
-          f"(median iteration of {len(ours)} after 10 warm-up)")
-
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            run = train_run(str(REPO / "configs/classic-cpu.yaml"), Path(tmp) / "out", f"train.max_iters={args.iters}",
+                            "train.log_interval=1", f"train.eval_interval={args.iters + 1}", "train.eval_batches=1",
+                            f"train.threads={args.threads}", f"data.prepared_dir={tmp}/prep")
+            ours = statistics.median(1000 * B * T / row["tokens_per_sec"] for row in run["rows"]
+                                     if "tokens_per_sec" in row and row["iter"] > 10)
+            child = subprocess.run([sys.executable, __file__, f"--baseline-in={tmp}/prep", f"--iters={args.iters}",
+                                    f"--threads={args.threads}"], capture_output=True, text=True, check=True)
+            base = statistics.median(json.loads(child.stdout))
+            rounds.append((base, ours))
+            print(f"round {r + 1}: nanoGPT-equivalent {base:.1f} ms/iter, this trainer {ours:.1f} ms/iter, "
+                  f"ratio {base / ours:.2f}x", flush=True)
+    base, ours = sorted(rounds, key=lambda r: r[0] / r[1])[len(rounds) // 2]
+    print(f"nanoGPT-equivalent loop: {base:.1f} ms/iter ({B * T / base * 1000:,.0f} tokens/s)")
+    print(f"this trainer:            {ours:.1f} ms/iter ({B * T / ours * 1000:,.0f} tokens/s)")
+    print(f"tokens/s ratio (this / nanoGPT-equivalent): {base / ours:.2f}x (median of {args.rounds} rounds; "
+          f"each side the median of {args.iters - 10} iterations after 10 warm-up)")
 
 if __name__ == "__main__":
     main()
