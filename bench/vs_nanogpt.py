@@ -136,6 +136,9 @@ def main():
     print(f"this trainer:            {ours:.1f} ms/iter ({B * T / ours * 1000:,.0f} tokens/s)")
     print(f"tokens/s ratio (this / nanoGPT-equivalent): {base / ours:.2f}x (median of {args.rounds} rounds; "
           f"each side the median of {args.iters - 10} iterations after 10 warm-up)")
+    ratios = sorted(b / o for b, o in rounds)
+    fastest = min(b for b, _ in rounds) / min(o for _, o in rounds)
+    print(f"spread: rounds from {ratios[0]:.2f}x to {ratios[-1]:.2f}x; fastest round of each side: {fastest:.2f}x")
 
 if __name__ == "__main__":
     main()
