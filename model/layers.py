@@ -5,8 +5,8 @@
   queries and keys, so attention scores depend only on relative offsets.
 - Attention: causal, through `F.scaled_dot_product_attention`, which dispatches to flash
   kernels on GPU and a fused kernel on CPU; short CPU sequences take two batched matmuls
-  instead (`short_causal_attention`), which is faster there. `n_kv_head < n_head` shares each key/value head
-  across a group of query heads (GQA; 1 = multi-query), shrinking the KV cache. Optional
+  instead (`short_causal_attention`), which is faster there. `n_kv_head < n_head` shares
+  each key/value head across a group of query heads (GQA; 1 = multi-query), shrinking the KV cache. Optional
   QK-norm normalises each head's queries and keys, which keeps logits bounded at high lr.
   A query sees at most block_size keys: longer sequences (rotary models generating past
   their context) get a sliding window, see `attention_mask`.
@@ -149,8 +149,8 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = attention_mask(T, T, self.window, x.device)
         dropout_p = self.dropout if self.training else 0.0
-        if x.device.type == "cpu" and mask is None and 1 < T <= SHORT_CONTEXT and k.shape[2] == T \
-                and self.n_kv_head == self.n_head:
+        short = x.device.type == "cpu" and mask is None and 1 < T == k.shape[2] <= SHORT_CONTEXT
+        if short and self.n_kv_head == self.n_head:  # plain causal attention over these T tokens
             y = short_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
