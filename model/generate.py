@@ -274,7 +274,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling |
     needs CUDA)."""
     model.eval()
     sampling = sampling or Sampling()
-    if model.rotary is not None:  # a captured graph cannot grow the rotary tables later
+    if decode == "graph" and model.rotary is not None:  # growing the tables later would mean a re-capture
         model.rotary.reserve(idx.shape[1] + max_new_tokens)
     context = Context(model, use_cache, decode)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if finished is None else finished
