@@ -9,7 +9,8 @@ attention, untied head, logit soft-capping) are config choices; see model/layers
 Interface, shared by training, evaluation and generation:
     logits, loss = model(idx, targets=None, kv_caches=None, start_pos=0)
 idx (B, T) token ids; logits (B, T, vocab); loss is the mean cross-entropy over targets that
-are not -1, or None without targets. With kv_caches (one per block), idx holds the T tokens
+are not -1, or None without targets. With targets and gradients enabled (training) the logits
+are None: the loss is fused with the head's matmul and the logits are not kept. With kv_caches (one per block), idx holds the T tokens
 after the `start_pos` tokens already cached. With learned positions start_pos + T must fit in
 block_size; rotary models accept any length (attention then slides over a block_size window).
 start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.layers import NORMS, Block, Rotary
+from model.loss import linear_cross_entropy
 
 
 class GPT(nn.Module):
@@ -68,7 +70,11 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, kv_caches[i] if kv_caches is not None else None)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and torch.is_grad_enabled():
+            # Training: the head's matmul and the loss fused, the logits never kept (model/loss.py).
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.logit_softcap)
+        logits = self.lm_head(x)
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)

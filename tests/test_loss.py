@@ -1,0 +1,67 @@
+"""The fused head + cross-entropy (model/loss.py) against the plain path it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT
+from model.loss import linear_cross_entropy
+from trainer.config import ModelConfig
+
+
+def plain(x, w, targets, softcap):
+    logits = x @ w.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def loss_and_grads(fn, x, w, targets, softcap, upstream=1.0):
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fn(x, w, targets, softcap)
+    (loss * upstream).backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_loss_and_gradients_equal_the_plain_path(softcap):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    w = torch.randn(40, 16, dtype=torch.float64)
+    targets = torch.randint(0, 40, (3, 5))
+    targets[0, :2] = -1  # ignored positions count neither in the mean nor in the gradient
+    # A gradient scaler's factor reaches the fused backward as the incoming gradient.
+    fused = loss_and_grads(linear_cross_entropy, x, w, targets, softcap, upstream=1024.0)
+    ref = loss_and_grads(plain, x, w, targets, softcap, upstream=1024.0)
+    for a, b in zip(fused, ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_autocast_matches_the_plain_path_to_bf16_precision():
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 32), torch.randn(100, 32) * 0.3
+    targets = torch.randint(0, 100, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss_and_grads(linear_cross_entropy, x, w, targets, 0.0)
+        ref = loss_and_grads(plain, x, w, targets, 0.0)
+    assert fused[1].dtype == x.dtype and fused[2].dtype == w.dtype  # gradients in the parameters' dtype
+    for a, b in zip(fused, ref):
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("options", [{}, dict(tie_weights=False, logit_softcap=10.0, pos="rope")])
+def test_model_training_loss_is_the_eval_loss_with_the_plain_gradients(options):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)
+    cfg.validate()
+    model = GPT(cfg).double()
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    logits, loss = model(x, y)
+    assert logits is None  # training does not keep the logits
+    loss.backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, _ = model(x)  # the plain path: full logits, then cross-entropy
+    F.cross_entropy(logits.view(-1, 50), y.view(-1)).backward()
+    for a, p in zip(fused_grads, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-9, atol=1e-12)
