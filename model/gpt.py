@@ -9,8 +9,8 @@ attention, untied head, logit soft-capping) are config choices; see model/layers
 Interface, shared by training, evaluation and generation:
     logits, loss = model(idx, targets=None, kv_caches=None, start_pos=0)
 idx (B, T) token ids; logits (B, T, vocab); loss is the mean cross-entropy over targets that
-are not -1, or None without targets. With targets and gradients enabled (training) the logits
-are None: the loss is fused with the head's matmul and the logits are not kept. With kv_caches (one per block), idx holds the T tokens
+are not -1, or None without targets. In compiled training (targets given, gradients enabled,
+under torch.compile) the logits are None: the loss is fused with the head's matmul. With kv_caches (one per block), idx holds the T tokens
 after the `start_pos` tokens already cached. With learned positions start_pos + T must fit in
 block_size; rotary models accept any length (attention then slides over a block_size window).
 start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
@@ -71,8 +71,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, kv_caches[i] if kv_caches is not None else None)
         x = self.ln_f(x)
-        if targets is not None and torch.is_grad_enabled():
-            # Training: the head's matmul and the loss fused, the logits never kept (model/loss.py).
+        if targets is not None and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # Compiled training: the head's matmul fused with the loss, the logits never kept
+            # (model/loss.py). Only a compiler fuses it: in eager its temporaries cost more.
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.logit_softcap)
         logits = self.lm_head(x)
         if self.cfg.logit_softcap:

@@ -49,22 +49,53 @@ def test_bf16_autocast_matches_the_plain_path_to_bf16_precision():
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("options", [{}, dict(tie_weights=False, logit_softcap=10.0, pos="rope")])
-def test_model_training_loss_is_the_eval_loss_with_the_plain_gradients(options):
-    torch.manual_seed(0)
+def tiny_model(**options):
     cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)
     cfg.validate()
-    model = GPT(cfg).double()
-    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
-    logits, loss = model(x, y)
-    assert logits is None  # training does not keep the logits
-    loss.backward()
-    fused_grads = [p.grad.clone() for p in model.parameters()]
+    return GPT(cfg)
+
+
+def grads_of_plain_path(model, x, y):
     model.zero_grad()
-    logits, _ = model(x)  # the plain path: full logits, then cross-entropy
-    F.cross_entropy(logits.view(-1, 50), y.view(-1)).backward()
-    for a, p in zip(fused_grads, model.parameters()):
-        assert torch.allclose(a, p.grad, rtol=1e-9, atol=1e-12)
+    logits, _ = model(x)  # no targets: full logits, then the plain cross-entropy
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("options", [{}, dict(tie_weights=False, logit_softcap=10.0, pos="rope")])
+def test_model_takes_the_fused_path_when_compiling_with_the_plain_gradients(options, monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_model(**options).double()
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    plain = grads_of_plain_path(model, x, y)
+    model.zero_grad()
+    logits, loss = model(x, y)
+    assert logits is not None  # eager training keeps the plain path
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    logits, loss = model(x, y)
+    assert logits is None  # the fused path, as a compiled forward traces it
+    loss.backward()
+    fused = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_model_on_cpu_matches_the_plain_path():
+    """Inductor's CPU backend traces the fused loss in one graph and computes the same numbers."""
+    torch.manual_seed(0)
+    model = tiny_model(logit_softcap=10.0)
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    y[0, :4] = -1
+    plain = grads_of_plain_path(model, x, y)
+    model.zero_grad()
+    logits, loss = torch.compile(model, fullgraph=True)(x, y)
+    assert logits is None
+    loss.backward()
+    fused = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
