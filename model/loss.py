@@ -24,10 +24,11 @@ import torch.nn.functional as F
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, softcap: float):
-        logits = F.linear(x.reshape(-1, x.size(-1)), weight)  # in autocast's dtype, if on
+        rows = x.reshape(-1, x.size(-1))
+        logits = F.linear(rows, weight)  # in autocast's dtype, if on
         # Autocast does not reach backward: keep the matmul's operands in the dtype it used.
         dtype = logits.dtype
-        xc, wc = x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype)
+        xc, wc = rows.to(dtype), weight.to(dtype)
         targets = targets.reshape(-1)
         z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the loss in float32 at least
         if softcap:
