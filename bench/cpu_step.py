@@ -1,0 +1,152 @@
+"""In-process A/B timings of the classic CPU shape's forward + backward (4 layers, 4 heads, 128
+wide, batch 12 x context 64), for the questions bench/RESULTS.md answers about the CPU step.
+
+    python bench/cpu_step.py [loss|split|compile|profile ...] [--rounds 40]
+
+- loss: the plain cross-entropy against the fused head + loss (model/loss.py) run eagerly, at
+  a character vocabulary (65) and GPT-2's (50,304): why eager training keeps the plain loss.
+- split: the batch as 1, 2 or 3 sequential micro-batches (a smaller working set, more ops).
+- compile: eager against torch.compile of the model (compile time reported separately).
+- profile: where a training step (forward, backward, clip, fused AdamW) spends its time, by
+  operator and shape, and the same matmuls' speed when run alone.
+
+The variants alternate within each round, in one process, and the median per variant is
+printed: this shared machine's speed drifts too much between processes for a few percent.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import machine
+from model import GPT
+from trainer.config import ModelConfig
+from trainer.runtime import keep_freed_memory
+
+B, T = 12, 64
+
+
+def classic(vocab: int) -> GPT:
+    cfg = ModelConfig(vocab_size=vocab, block_size=T, n_layer=4, n_head=4, n_embd=128, bias=False)
+    cfg.validate()
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def batch(vocab: int):
+    return torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, T))
+
+
+def race(variants: dict, rounds: int, warmup: int = 5) -> dict:
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def show(medians: dict) -> str:
+    return ", ".join(f"{name} {ms:.1f}" for name, ms in medians.items())
+
+
+def loss_variants(vocab: int) -> dict:
+    model, (x, y) = classic(vocab), batch(vocab)
+
+    def plain():
+        logits, _ = model(x)
+        F.cross_entropy(logits.view(-1, vocab), y.view(-1), ignore_index=-1).backward()
+
+    def fused():  # what a compiled forward traces, run eagerly
+        is_compiling, torch.compiler.is_compiling = torch.compiler.is_compiling, lambda: True
+        try:
+            model(x, y)[1].backward()
+        finally:
+            torch.compiler.is_compiling = is_compiling
+    return {"plain loss": plain, "fused loss, eager": fused}
+
+
+def split_variants() -> dict:
+    model, (x, y) = classic(65), batch(65)
+
+    def micro(k):
+        def step():
+            for xb, yb in zip(x.chunk(k), y.chunk(k)):
+                model(xb, yb)[1].backward()
+        return step
+    return {f"{k} micro-batch(es)": micro(k) for k in (1, 2, 3)}
+
+
+def compile_variants() -> dict:
+    model, (x, y) = classic(65), batch(65)
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    compiled(x, y)[1].backward()
+    print(f"  compile (first call): {time.perf_counter() - start:.1f} s")
+    return {"eager": lambda: model(x, y)[1].backward(), "compiled": lambda: compiled(x, y)[1].backward()}
+
+
+def profile_step(steps: int = 30):
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.config import OptimConfig
+    from trainer.optim import build_optimizers
+    model, (x, y) = classic(65), batch(65)
+    optimizer = build_optimizers(model, OptimConfig(), "cpu")
+
+    def step():
+        model(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    print("step:", show(race({"train step": step}, steps, warmup=10)))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / steps / 1000
+    print(f"profiled step: {total:.1f} ms; by operator and input shapes (ms per step):")
+    for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:16]:
+        print(f"  {e.self_cpu_time_total / steps / 1000:6.2f}  {e.count // steps:3d} calls  {e.key}  {e.input_shapes}")
+    mm = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::mm"]
+    flops = sum(2 * a[0] * a[1] * b[1] * e.count for e in mm for a, b in [e.input_shapes[:2]]) / steps
+    mm_ms = sum(e.self_cpu_time_total for e in mm) / steps / 1000
+    print(f"aten::mm in the step: {mm_ms:.1f} ms for {flops / 1e9:.2f} GFLOP = {flops / mm_ms / 1e6:.0f} GFLOP/s")
+    for e in mm:
+        (m, k), (_, n) = e.input_shapes[:2]
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        alone = race({"mm": lambda: a @ b}, 200)["mm"]
+        print(f"  [{m}x{k}] @ [{k}x{n}]: {2 * m * k * n / alone / 1e6:.0f} GFLOP/s alone, "
+              f"{2 * m * k * n * e.count / e.self_cpu_time_total / 1e3:.0f} in the step")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", nargs="*", help="loss, split, compile and/or profile (default: all four)")
+    ap.add_argument("--rounds", type=int, default=40)
+    args = ap.parse_args()
+    unknown = set(args.what) - {"loss", "split", "compile", "profile"}
+    if unknown:
+        ap.error(f"unknown measurement(s) {sorted(unknown)}: choose from loss, split, compile, profile")
+    keep_freed_memory()  # as train.py does on CPU
+    print(f"machine: {machine()}, {torch.get_num_threads()} threads; forward + backward, median ms")
+    for what in args.what or ["loss", "split", "compile", "profile"]:
+        if what == "loss":
+            for vocab, rounds in ((65, args.rounds), (50304, max(3, args.rounds // 8))):
+                print(f"loss, vocabulary {vocab}:", show(race(loss_variants(vocab), rounds)))
+        elif what == "split":
+            print("split:", show(race(split_variants(), args.rounds)))
+        elif what == "compile":
+            print("compile:", show(race(compile_variants(), args.rounds)))
+        else:
+            profile_step()
+
+
+if __name__ == "__main__":
+    main()
