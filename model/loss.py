@@ -9,8 +9,8 @@ GPT.forward takes this path only under torch.compile: Inductor turns it into one
 the logits, while eager PyTorch would materialise each step's temporaries (1.7x slower than the
 plain path at GPT-2's vocabulary on CPU).
 
-The kept gradient is softmax - one-hot per token, unscaled (bounded by 1, so fp16 does not
-underflow); the mean over tokens and the incoming gradient (a GradScaler's scale included) are
+The kept gradient is softmax - one-hot per token, unscaled (within [-1, 1], so bf16 or fp16
+holds it without overflow); the mean over tokens and the incoming gradient (a GradScaler's scale included) are
 applied after the matmuls, in float32. Logit soft-capping (c * tanh(z / c)) is applied here too,
 so the capped and uncapped heads share the path. Targets of -1 are ignored, as in F.cross_entropy.
 """
