@@ -11,8 +11,9 @@ Interface, shared by training, evaluation and generation:
 idx (B, T) token ids; logits (B, T, vocab); loss is the mean cross-entropy over targets that
 are not -1, or None without targets. In compiled training (targets given, gradients enabled,
 under torch.compile) the logits are None: the loss is fused with the head's matmul. With
-kv_caches (one per block), idx holds the T tokens after the `start_pos` tokens already cached. With learned positions start_pos + T must fit in
-block_size; rotary models accept any length (attention then slides over a block_size window).
+kv_caches (one per block), idx holds the T tokens after the `start_pos` tokens already cached.
+With learned positions start_pos + T must fit in block_size; rotary models accept any length
+(attention then slides over a block_size window).
 start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
 model/generate.py: one captured graph serves every position); the caller then checks the range.
 """

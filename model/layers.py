@@ -6,10 +6,10 @@
 - Attention: causal, through `F.scaled_dot_product_attention`, which dispatches to flash
   kernels on GPU and a fused kernel on CPU; short CPU sequences take two batched matmuls
   instead (`short_causal_attention`), which is faster there. `n_kv_head < n_head` shares
-  each key/value head across a group of query heads (GQA; 1 = multi-query), shrinking the KV cache. Optional
-  QK-norm normalises each head's queries and keys, which keeps logits bounded at high lr.
-  A query sees at most block_size keys: longer sequences (rotary models generating past
-  their context) get a sliding window, see `attention_mask`.
+  each key/value head across a group of query heads (GQA; 1 = multi-query), shrinking the
+  KV cache. Optional QK-norm normalises each head's queries and keys, which keeps logits
+  bounded at high lr. A query sees at most block_size keys: longer sequences (rotary models
+  generating past their context) get a sliding window, see `attention_mask`.
 - MLP: `gelu` (GPT-2), `swiglu` (gated, LLaMA), `relu2` (squared ReLU, modded-nanogpt).
 
 Every linear layer whose output is added to the residual stream is named `c_proj`; `GPT`

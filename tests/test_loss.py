@@ -9,11 +9,17 @@ from model.loss import linear_cross_entropy
 from trainer.config import ModelConfig
 
 
+def cross_entropy(logits, targets):
+    """The plain path's loss: full logits, in float32 at least, then F.cross_entropy."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
 def plain(x, w, targets, softcap):
     logits = x @ w.t()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+    return cross_entropy(logits, targets)
 
 
 def loss_and_grads(fn, x, w, targets, softcap, upstream=1.0):
@@ -57,9 +63,7 @@ def tiny_model(**options):
 
 def grads_of_plain_path(model, x, y):
     model.zero_grad()
-    logits, _ = model(x)  # no targets: full logits, then the plain cross-entropy
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+    loss = cross_entropy(model(x)[0], y)  # no targets: the model returns the full logits
     loss.backward()
     return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
@@ -114,8 +118,7 @@ def test_compiled_bf16_on_cuda_matches_the_plain_path(softcap):
     fused = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits, _ = model(x)
-        plain_loss = F.cross_entropy(logits.float().view(-1, 4096), y.view(-1), ignore_index=-1)
+        plain_loss = cross_entropy(model(x)[0], y)
     plain_loss.backward()
     plain = [plain_loss.detach()] + [p.grad for p in model.parameters()]
     for a, b in zip(fused, plain):
