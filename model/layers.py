@@ -4,12 +4,12 @@
 - Positions: learned absolute embeddings live in `GPT`; `rope` (rotary) is applied here to
   queries and keys, so attention scores depend only on relative offsets.
 - Attention: causal, through `F.scaled_dot_product_attention`, which dispatches to flash
-  kernels on GPU and a fused kernel on CPU; short CPU sequences take two batched matmuls
-  instead (`short_causal_attention`), which is faster there. `n_kv_head < n_head` shares
-  each key/value head across a group of query heads (GQA; 1 = multi-query), shrinking the
-  KV cache. Optional QK-norm normalises each head's queries and keys, which keeps logits
-  bounded at high lr. A query sees at most block_size keys: longer sequences (rotary models
-  generating past their context) get a sliding window, see `attention_mask`.
+  kernels on GPU and a fused flash kernel on CPU (with torch 2.13 the fastest CPU choice at
+  short contexts too, bench/RESULTS.md). `n_kv_head < n_head` shares each key/value head
+  across a group of query heads (GQA; 1 = multi-query), shrinking the KV cache. Optional
+  QK-norm normalises each head's queries and keys, which keeps logits bounded at high lr. A
+  query sees at most block_size keys: longer sequences (rotary models generating past their
+  context) get a sliding window, see `attention_mask`.
 - MLP: `gelu` (GPT-2), `swiglu` (gated, LLaMA), `relu2` (squared ReLU, modded-nanogpt).
 
 Every linear layer whose output is added to the residual stream is named `c_proj`; `GPT`
@@ -99,23 +99,6 @@ def attention_mask(T: int, S: int, window: int, device):
     return (key <= q) & (q - key < window)
 
 
-SHORT_CONTEXT = 64  # up to here, CPU training attention takes `short_causal_attention`
-
-
-def short_causal_attention(q, k, v, dropout_p: float):
-    """Causal attention as two batched matmuls, the mask added inside the first (baddbmm).
-
-    PyTorch's CPU flash-attention kernel is built for long sequences; on short ones its
-    per-head overhead dominates and it does not use a second thread. At nanoGPT's CPU shape
-    (context 64, 4 heads of 32) this is 1.5x faster forward + backward (2.48 -> 1.63 ms a layer
-    on a 2-core EPYC); at context 128 the two are even, and beyond the flash kernel wins."""
-    B, H, T, D = q.shape
-    causal = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
-    scores = torch.baddbmm(causal, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
-    weights = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
-    return torch.bmm(weights, v.reshape(B * H, T, D)).view(B, H, T, D)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -149,12 +132,8 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = attention_mask(T, T, self.window, x.device)
         dropout_p = self.dropout if self.training else 0.0
-        short = x.device.type == "cpu" and mask is None and 1 < T == k.shape[2] <= SHORT_CONTEXT
-        if short and self.n_kv_head == self.n_head:  # plain causal attention over these T tokens
-            y = short_causal_attention(q, k, v, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=dropout_p, enable_gqa=self.n_kv_head != self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=dropout_p, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -109,28 +109,3 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_sequence_longer_than_block_size_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         GPT(tiny())(torch.zeros(1, 17, dtype=torch.long))
-
-
-@pytest.mark.parametrize("T", [2, 17, 64])
-def test_short_cpu_attention_equals_sdpa_forward_and_backward(T):
-    from model.layers import short_causal_attention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 4, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    ours = short_causal_attention(q, k, v, 0.0)
-    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(ours, ref)
-    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
-        torch.testing.assert_close(g, r)
-
-
-def test_model_gives_the_same_loss_through_either_cpu_attention_path(monkeypatch):
-    import model.layers as layers
-
-    torch.manual_seed(0)
-    gpt = GPT(tiny()).double()
-    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
-    short = gpt(x, y)[1]
-    monkeypatch.setattr(layers, "SHORT_CONTEXT", 0)  # everything through scaled_dot_product_attention
-    torch.testing.assert_close(short, gpt(x, y)[1], rtol=0, atol=1e-12)
