@@ -1,12 +1,20 @@
 """In-process A/B timings of the classic CPU shape's forward + backward (4 layers, 4 heads, 128
 wide, batch 12 x context 64), for the questions bench/RESULTS.md answers about the CPU step.
 
-    python bench/cpu_step.py [loss|split|compile|profile ...] [--rounds 40]
+    python bench/cpu_step.py [loss|split|compile|attention|workers|nanogpt|profile ...] [--rounds 40]
 
 - loss: the plain cross-entropy against the fused head + loss (model/loss.py) run eagerly, at
   a character vocabulary (65) and GPT-2's (50,304): why eager training keeps the plain loss.
 - split: the batch as 1, 2 or 3 sequential micro-batches (a smaller working set, more ops).
 - compile: eager against torch.compile of the model (compile time reported separately).
+- attention: one layer's causal attention, forward + backward, through PyTorch's CPU flash
+  kernel (what the model uses) against baddbmm + softmax + bmm (the path it used to take for
+  contexts up to 64), at contexts 64 and 128.
+- workers: the batch split in two halves on two Python threads of one torch thread each,
+  against one pass with two torch threads (fork-join parallelism inside each op).
+- nanogpt: this trainer's training step (model, clip, fused AdamW) against bench/vs_nanogpt.py's
+  nanoGPT-equivalent step on the same batch, in one process (so both get this trainer's malloc
+  setting, unlike in vs_nanogpt.py): what the model and optimizer code alone are worth.
 - profile: where a training step (forward, backward, clip, fused AdamW) spends its time, by
   operator and shape, and the same matmuls' speed when run alone.
 
@@ -53,8 +61,8 @@ def race(variants: dict, rounds: int, warmup: int = 5) -> dict:
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def show(medians: dict) -> str:
-    return ", ".join(f"{name} {ms:.1f}" for name, ms in medians.items())
+def show(medians: dict, digits: int = 1) -> str:
+    return ", ".join(f"{name} {ms:.{digits}f}" for name, ms in medians.items())
 
 
 def loss_variants(vocab: int) -> dict:
@@ -93,6 +101,68 @@ def compile_variants() -> dict:
     return {"eager": lambda: model(x, y)[1].backward(), "compiled": lambda: compiled(x, y)[1].backward()}
 
 
+def matmul_softmax_attention(q, k, v):
+    B, H, T, D = q.shape
+    causal = torch.full((T, T), float("-inf")).triu(1)
+    scores = torch.baddbmm(causal, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, T, D)).view(B, H, T, D)
+
+
+def attention_variants(T: int) -> dict:
+    qkv = torch.randn(B * 64 // T, T, 3, 4, 32, requires_grad=True)  # 768 tokens, 4 heads of 32
+    grad = torch.randn(qkv.shape[0], 4, T, 32)
+
+    def run(attend):
+        def step():
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+            attend(q, k, v).backward(grad)
+            qkv.grad = None
+        return step
+    return {"flash (SDPA)": run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+            "baddbmm+softmax+bmm": run(matmul_softmax_attention)}
+
+
+def worker_variants() -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+    model, (x, y) = classic(65), batch(65)
+    params = list(model.parameters())
+    pool = ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,))  # per-thread setting
+
+    def half(i):
+        return torch.autograd.grad(model(x.chunk(2)[i], y.chunk(2)[i])[1] * 0.5, params)
+
+    def two_workers():
+        g0, g1 = pool.map(half, range(2))
+        torch._foreach_add_(g0, g1)
+    return {"one pass, 2 torch threads": lambda: torch.autograd.grad(model(x, y)[1], params),
+            "2 halves on 2 threads of 1": two_workers}
+
+
+def nanogpt_variants() -> dict:
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from trainer.config import OptimConfig
+    from trainer.optim import build_optimizers
+    from vs_nanogpt import NanoGPTLoop
+    data = Path(tempfile.mkdtemp()) / "train.bin"
+    np.random.default_rng(0).integers(0, 65, 100_000).astype(np.uint16).tofile(data)
+    baseline = NanoGPTLoop(data, vocab=65)
+    x, y = baseline.get_batch()
+    model = classic(65)
+    optimizer = build_optimizers(model, OptimConfig(), "cpu")
+    it = iter(range(10**9))
+
+    def ours():
+        model(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"nanoGPT-equivalent step": lambda: baseline.iteration(next(it), x, y), "this trainer's step": ours}
+
+
 def profile_step(steps: int = 30):
     from torch.profiler import ProfilerActivity, profile
 
@@ -128,15 +198,16 @@ def profile_step(steps: int = 30):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="*", help="loss, split, compile and/or profile (default: all four)")
+    ap.add_argument("what", nargs="*", help="which measurements (default: all)")
     ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args()
-    unknown = set(args.what) - {"loss", "split", "compile", "profile"}
+    choices = ["loss", "split", "compile", "attention", "workers", "nanogpt", "profile"]
+    unknown = set(args.what) - set(choices)
     if unknown:
-        ap.error(f"unknown measurement(s) {sorted(unknown)}: choose from loss, split, compile, profile")
+        ap.error(f"unknown measurement(s) {sorted(unknown)}: choose from {', '.join(choices)}")
     keep_freed_memory()  # as train.py does on CPU
     print(f"machine: {machine()}, {torch.get_num_threads()} threads; forward + backward, median ms")
-    for what in args.what or ["loss", "split", "compile", "profile"]:
+    for what in args.what or choices:
         if what == "loss":
             for vocab, rounds in ((65, args.rounds), (50304, max(3, args.rounds // 8))):
                 print(f"loss, vocabulary {vocab}:", show(race(loss_variants(vocab), rounds)))
@@ -144,6 +215,15 @@ def main():
             print("split:", show(race(split_variants(), args.rounds)))
         elif what == "compile":
             print("compile:", show(race(compile_variants(), args.rounds)))
+        elif what == "attention":
+            for T in (64, 128):
+                print(f"attention, context {T}, one layer:", show(race(attention_variants(T), 3 * args.rounds), 2))
+        elif what == "workers":
+            print("workers:", show(race(worker_variants(), args.rounds)))
+        elif what == "nanogpt":
+            base, ours = race(nanogpt_variants(), args.rounds).values()
+            print(f"nanogpt: nanoGPT-equivalent step {base:.1f}, this trainer's step {ours:.1f} "
+                  f"(ratio {base / ours:.2f}x)")
         else:
             profile_step()
 
