@@ -139,6 +139,7 @@ def worker_variants() -> dict:
 
 
 def nanogpt_variants() -> dict:
+    import itertools
     import tempfile
     from pathlib import Path
 
@@ -147,20 +148,25 @@ def nanogpt_variants() -> dict:
     from trainer.config import OptimConfig
     from trainer.optim import build_optimizers
     from vs_nanogpt import NanoGPTLoop
-    data = Path(tempfile.mkdtemp()) / "train.bin"
+    tmp = tempfile.TemporaryDirectory()
+    data = Path(tmp.name) / "train.bin"
     np.random.default_rng(0).integers(0, 65, 100_000).astype(np.uint16).tofile(data)
     baseline = NanoGPTLoop(data, vocab=65)
     x, y = baseline.get_batch()
     model = classic(65)
     optimizer = build_optimizers(model, OptimConfig(), "cpu")
-    it = iter(range(10**9))
+    iters = itertools.count()
+
+    def nanogpt():  # its per-step batch read included, as in vs_nanogpt.py
+        baseline.iteration(next(iters), x, y)
+    nanogpt.data_dir = tmp  # the batch file lives as long as the variants do
 
     def ours():
         model(x, y)[1].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-    return {"nanoGPT-equivalent step": lambda: baseline.iteration(next(it), x, y), "this trainer's step": ours}
+    return {"nanoGPT-equivalent step": nanogpt, "this trainer's step": ours}
 
 
 def profile_step(steps: int = 30):
