@@ -11,8 +11,9 @@ than the plain path at GPT-2's vocabulary on CPU: `python bench/cpu_step.py loss
 
 The kept gradient is softmax - one-hot per token, unscaled (within [-1, 1], so bf16 or fp16
 holds it without overflow); the mean over tokens and the incoming gradient (a GradScaler's
-scale included) are applied after the matmuls, in float32. Logit soft-capping (c * tanh(z / c)) is applied here too,
-so the capped and uncapped heads share the path. Targets of -1 are ignored, as in F.cross_entropy.
+scale included) are applied after the matmuls, in float32. Logit soft-capping (c * tanh(z / c))
+is applied here too, so the capped and uncapped heads share the path. Targets of -1 are
+ignored, as in F.cross_entropy.
 """
 
 from __future__ import annotations
