@@ -6,7 +6,9 @@ wide, batch 12 x context 64), for the questions bench/RESULTS.md answers about t
 - loss: the plain cross-entropy against the fused head + loss (model/loss.py) run eagerly, at
   a character vocabulary (65) and GPT-2's (50,304): why eager training keeps the plain loss.
 - split: the batch as 1, 2 or 3 sequential micro-batches (a smaller working set, more ops).
-- compile: eager against torch.compile of the model (compile time reported separately).
+- compile: eager against torch.compile of the model, with Inductor's defaults, its C++ wrapper
+  (no Python between kernels) and max-autotune (its own C++ GEMM kernels tried against MKL);
+  each one's compile time is reported separately.
 - attention: one layer's causal attention, forward + backward, through PyTorch's CPU flash
   kernel (what the model uses) against baddbmm + softmax + bmm (the path it used to take for
   contexts up to 64), at contexts 64 and 128.
@@ -93,12 +95,16 @@ def split_variants() -> dict:
 
 
 def compile_variants() -> dict:
-    model, (x, y) = classic(65), batch(65)
-    compiled = torch.compile(model)
-    start = time.perf_counter()
-    compiled(x, y)[1].backward()
-    print(f"  compile (first call): {time.perf_counter() - start:.1f} s")
-    return {"eager": lambda: model(x, y)[1].backward(), "compiled": lambda: compiled(x, y)[1].backward()}
+    (x, y) = batch(65)
+    settings = {"compiled": {}, "compiled, C++ wrapper": {"options": {"cpp_wrapper": True}},
+                "compiled, max-autotune": {"mode": "max-autotune-no-cudagraphs"}}
+    variants = {"eager": classic(65)}
+    for name, kwargs in settings.items():
+        variants[name] = torch.compile(classic(65), **kwargs)
+        start = time.perf_counter()
+        variants[name](x, y)[1].backward()
+        print(f"  {name}: first call (compilation) {time.perf_counter() - start:.1f} s")
+    return {name: (lambda m: lambda: m(x, y)[1].backward())(m) for name, m in variants.items()}
 
 
 def matmul_softmax_attention(q, k, v):
