@@ -95,7 +95,7 @@ def split_variants() -> dict:
 
 
 def compile_variants() -> dict:
-    (x, y) = batch(65)
+    x, y = batch(65)
     settings = {"compiled": {}, "compiled, C++ wrapper": {"options": {"cpp_wrapper": True}},
                 "compiled, max-autotune": {"mode": "max-autotune-no-cudagraphs"}}
     variants = {"eager": classic(65)}
