@@ -1,4 +1,4 @@
-"""Generate text from a trained checkpoint.
+"""Generate text from a trained checkpoint, of any model family.
 
     python sample.py --ckpt out/small --prompt "ROMEO:" [--max-new-tokens 500] [--num-samples 1]
     python sample.py --ckpt out/small --interactive      # one prompt per line; Ctrl-D exits
@@ -9,7 +9,7 @@ Text goes to stdout; everything else (the summary `generated N tokens in T s (R 
 errors, the REPL's `> `) to stderr, so the output pipes cleanly.
 
 On CUDA each new token's step is replayed from a CUDA graph captured at the first one
-(model/generate.py's DecodeStep); `--no-cuda-graph` launches the kernels one by one instead.
+(GPT's decoder, model/kv_cache.py DecodeStep); `--no-cuda-graph` launches the kernels one by one instead.
 
 Several samples run as one batch. The first one streams as it is produced (someone is
 watching); the others are printed whole after it, in order, once the batch is done, each
@@ -29,26 +29,10 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import from_state
-from model import GPT
+from common.errors import UserError, report_user_errors
 from model.generate import Sampling, TextStream, generate
-from trainer.checkpoint import find_checkpoint, load_checkpoint, load_model_state
-from trainer.config import Config
-from trainer.errors import UserError, report_user_errors
+from trainer.checkpoint import load_model
 from trainer.runtime import Runtime, compile_with_fallback, pick_device, pick_dtype
-
-
-def load_model(ckpt_path: str, device: torch.device):
-    path = find_checkpoint(ckpt_path)
-    ckpt = load_checkpoint(path, map_location=device)
-    cfg = Config.from_dict(ckpt["config"], source=f"{path} (config)")
-    tokenizer = from_state(ckpt["tokenizer"])
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"{path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
-                        f"(model.vocab_size={cfg.model.vocab_size}); the checkpoint mixes two runs")
-    model = GPT(cfg.model)
-    load_model_state(model, ckpt, path)
-    return model.to(device).eval(), tokenizer, path
 
 
 def read_prompt(prompt: str) -> str:
@@ -140,7 +124,7 @@ def main(argv=None):
         rt = Runtime(device, pick_dtype(args.dtype, device))
         if args.compile and device.type != "cuda":
             raise UserError(f"--compile is for CUDA devices; this run is on {device}")
-        model, tokenizer, path = load_model(args.ckpt, device)
+        model, tokenizer, _, _ = load_model(args.ckpt, device)
         if args.compile:
             # Dynamic shapes: the prefill length and the cache length change from call to call.
             log = lambda message: print(message, file=sys.stderr)  # noqa: E731

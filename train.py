@@ -1,9 +1,12 @@
-"""Train a GPT.
+"""Train a language model: a GPT by default, or any family `model.arch` names (model/__init__.py).
 
     python train.py configs/small.yaml [key=value ...] [--debug]
+    python train.py configs/sft.yaml init_from=out/base          # fine-tune from other weights
     torchrun --standalone --nproc_per_node=N train.py CONFIG train.parallel=ddp|fsdp [...]   (see trainer/dist.py)
 
 Reads top to bottom: config -> run folder -> data -> model and optimizer -> (resume) -> loop.
+The model is used through the family interface only (model/base.py), and everything a
+checkpoint holds is assembled by trainer/state.py.
 Every knob is a field in trainer/config.py. The loop never synchronises with the GPU except at
 log and eval intervals (reading a loss is a sync), so the host stays ahead of the device; the
 numerical-fault guard decides on the device too (trainer/guard.py).
@@ -22,48 +25,48 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
+from common.errors import UserError, report_user_errors
 from data.loader import TokenSplit, build_loader, eval_windows
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
-from model import GPT
-from trainer.checkpoint import LATEST, save_run_checkpoint
+from model import IGNORE, build_model, padded_vocab
+from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
-from trainer.dist import (NullLog, agree, all_reduce_sum, full_state, grad_sync, init_distributed, load_full_state,
-                          main_first, open_out_dir, plain_tensor, plan_batches, seed_rank_streams, shard_batches,
-                          shutdown, wrap_model)
-from trainer.errors import UserError, report_user_errors
+from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
+                          plain_tensor, plan_batches, seed_rank_streams, shard_batches, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
+from trainer.init import load_init, resumed_model_config
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
 from trainer.rundir import METRICS, check_resume_config, rewind_run, write_config
-from trainer.runtime import compile_with_fallback, rng_state, seed_everything, set_rng_state, setup_runtime
+from trainer.runtime import compile_with_fallback, seed_everything, setup_runtime
 from trainer.signals import StopRequest
+from trainer.state import TrainingState
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenSplit, cfg, rt, max_batches: int, d) -> float:
-    """Mean loss per token over the split (or over max_batches fixed random batches), the batches
-    shared out over the ranks."""
+def evaluate(model, data: TokenSplit, cfg, rt, max_batches: int, d, token_bytes: torch.Tensor) -> tuple[float, float]:
+    """(val loss in nats per target, bits per UTF-8 byte of the targets) over the split, or over
+    max_batches fixed random batches; the batches shared out over the ranks. Both are sums over
+    the counted targets (not IGNORE), so masked batches weigh each target once."""
     model.eval()
-    total, count = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+    nats, count, nbytes = (torch.zeros((), dtype=torch.float64, device=rt.device) for _ in range(3))
     batches = eval_windows(data, cfg.train.batch_size, cfg.model.block_size, rt.device, max_batches)
     for (x, y), weight in shard_batches(batches, d):
         with rt.autocast:
-            _, loss = model(x, y)
-        total += weight * loss.float() * y.numel()
-        count += weight * y.numel()
-    all_reduce_sum(d, total, count)
+            logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+        counted = y.flatten() != IGNORE
+        nats += weight * losses.sum()
+        count += weight * counted.sum()
+        nbytes += weight * token_bytes[y.flatten().clamp(min=0)][counted].sum()
+    all_reduce_sum(d, nats, count, nbytes)
     model.train()
-    return (total / count).item()
-
-
-def vocab_for_model(tokenizer_vocab: int) -> int:
-    # Large vocabularies are padded to a multiple of 64 for faster matmuls (50257 -> 50304);
-    # the sampler never emits the padding ids. Small ones stay exact.
-    return tokenizer_vocab if tokenizer_vocab < 1024 else (tokenizer_vocab + 63) // 64 * 64
+    return (nats / count).item(), (nats / (math.log(2) * nbytes)).item()
 
 
 def train(cfg):
@@ -78,16 +81,24 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     d = init_distributed(cfg.train, rt)
     plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # refuses an impossible split early
     ckpt = open_out_dir(cfg, d)
+    # init_from: the source's weights, model config and tokenizer (trainer/init.py); resuming such
+    # a run needs only its own checkpoint.
+    init = load_init(cfg) if cfg.init_from and ckpt is None else None
+    if init is not None:
+        cfg.model = init.model_cfg
+    elif ckpt is not None and cfg.init_from:
+        cfg.model = resumed_model_config(cfg, ckpt)
     if ckpt is not None:
         check_resume_config(cfg, ckpt, log=tqdm.write)
 
     # Data: prepared on first use, re-prepared when the inputs or settings change.
-    prepared = main_first(d, prepare_data, cfg.data, log=tqdm.write)
+    given_tokenizer = init.tokenizer if init else from_state(ckpt["tokenizer"]) if ckpt and cfg.init_from else None
+    prepared = main_first(d, prepare_data, cfg.data, log=tqdm.write, tokenizer=given_tokenizer)
     meta = read_meta(prepared)
     tokenizer = from_state(meta["tokenizer"])
     if ckpt is not None and ckpt["tokenizer"] != meta["tokenizer"]:
         raise UserError(f"cannot resume {cfg.out_dir}: its tokenizer differs from the prepared data's")
-    cfg.model.vocab_size = cfg.model.vocab_size or vocab_for_model(meta["vocab_size"])
+    cfg.model.vocab_size = cfg.model.vocab_size or padded_vocab(meta["vocab_size"])
     if cfg.model.vocab_size < meta["vocab_size"]:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
     train_data, val_data = TokenSplit(prepared, "train"), TokenSplit(prepared, "val")
@@ -96,9 +107,16 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             raise UserError(f"the {split} split has {data.num_tokens} tokens, fewer than one context "
                             f"window (model.block_size={cfg.model.block_size}) plus one")
 
+    token_bytes = torch.as_tensor(tokenizer.token_bytes(), device=rt.device)
+    token_bytes = torch.cat([token_bytes, token_bytes.new_zeros(cfg.model.vocab_size - len(token_bytes))])
+
     # Model, optimizer, loader: everything seeded, so a run is a function of its config.
     seed_everything(cfg.train.seed)
-    model = GPT(cfg.model).to(rt.device)
+    model = build_model(cfg.model)
+    if init is not None:
+        load_model_state(model, {"model": init.state}, init.source)
+        tqdm.write(f"init_from: weights of {init.source}")
+    model.to(rt.device)
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
@@ -106,20 +124,16 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     loader = build_loader(cfg.data.sampling, train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed,
                           rt.device, d.rank, d.world_size, plan.grad_accum)
     guard = StepGuard(cfg.train, rt.device, scaler.is_enabled())
-    start_iter, best_val = 0, math.inf
+    state = TrainingState(cfg, tokenizer, model, optimizer, scaler, loader, guard, plan.tokens_per_step)
     if ckpt is not None:
-        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"], Path(cfg.out_dir) / LATEST)
-        scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
-        guard.load_state_dict(ckpt["guard"])
-        start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
+        state.load_state_dict(ckpt, Path(cfg.out_dir) / LATEST)
         if ckpt.get("tokens_per_step", plan.tokens_per_step) != plan.tokens_per_step:
             tqdm.write(f"resume: tokens per step change from {ckpt['tokens_per_step']:,} to {plan.tokens_per_step:,} "
                        f"(set train.tokens_per_step to keep it across world sizes)")
         if d.is_main:
-            rewind_run(cfg.out_dir, start_iter)
-        tqdm.write(f"resuming {cfg.out_dir} from iter {start_iter}")
+            rewind_run(cfg.out_dir, state.iter)
+        tqdm.write(f"resuming {cfg.out_dir} from iter {state.iter}")
+    start_iter = state.iter
     seed_rank_streams(d, cfg.train.seed, start_iter)
     if d.is_main:
         write_config(cfg)
@@ -128,17 +142,12 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     step_model = compile_with_fallback(wrapped, log=tqdm.write) if compiling else wrapped
 
     def checkpoint(it: int, val_loss: float | None):
-        nonlocal best_val
         if val_loss is not None and not math.isfinite(val_loss):
             tqdm.write(f"iter {it}: val loss {val_loss}: not saving over the last good checkpoint")
             return
-        is_best = val_loss is not None and val_loss < best_val
-        best_val = val_loss if is_best else best_val
-        model_state, optim_state = full_state(model, optimizer)  # every rank: a collective under FSDP
-        payload = dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(),
-                       config=cfg.to_dict(), tokenizer=tokenizer.state(), iter=it, best_val_loss=best_val,
-                       rng=rng_state(), loader=loader.state(), guard=guard.state_dict(),
-                       tokens_per_step=plan.tokens_per_step)
+        is_best = val_loss is not None and val_loss < state.best_val_loss
+        state.iter, state.best_val_loss = it, val_loss if is_best else state.best_val_loss
+        payload = state.state_dict()  # every rank: a collective under FSDP
         if d.is_main:
             save_run_checkpoint(payload, Path(cfg.out_dir), is_best, cfg.train.keep_last)
 
@@ -167,13 +176,15 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
-            val_loss = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches, d)
+            val_loss, val_bpb = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches, d,
+                                         token_bytes)
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
-            metrics.write(iter=it, val_loss=val_loss, train_loss=train_loss,
+            metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss,
                           elapsed_s=round(eval_start - run_start, 3), train_time_s=round(eval_start - run_start - paused_s, 3))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
-            tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f}{' (whole val split)' if last else ''}")
+            tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte)"
+                       f"{' (whole val split)' if last else ''}")
             checkpoint(it, val_loss)
             paused_s += time.perf_counter() - eval_start
             window_start += time.perf_counter() - eval_start
@@ -234,15 +245,15 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         why = stop.reason or f"train.max_time={cfg.train.max_time} reached"
         tqdm.write(f"{why}: stopped at iter {it}, checkpoint saved to {Path(cfg.out_dir) / LATEST}; "
                    f"continue with resume=true")
-    tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val {best_val:.4f}; "
-               f"checkpoints in {cfg.out_dir}")
+    tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val "
+               f"{state.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
     shutdown(d)
-    return best_val
+    return state.best_val_loss
 
 
 @record  # under torchrun: a failing rank's traceback goes into torchrun's failure report
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train a GPT from a YAML config plus key=value overrides.")
+    ap = argparse.ArgumentParser(description="Train a language model from a YAML config plus key=value overrides.")
     ap.add_argument("config", help="YAML config file, e.g. configs/small.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. train.max_iters=200")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks for errors")

@@ -33,14 +33,14 @@ import torch.nn.functional as F
 
 from common import machine
 from model import GPT
-from trainer.config import ModelConfig
+from model import GPTConfig
 from trainer.runtime import keep_freed_memory
 
 B, T = 12, 64
 
 
 def classic(vocab: int) -> GPT:
-    cfg = ModelConfig(vocab_size=vocab, block_size=T, n_layer=4, n_head=4, n_embd=128, bias=False)
+    cfg = GPTConfig(vocab_size=vocab, block_size=T, n_layer=4, n_head=4, n_embd=128, bias=False)
     cfg.validate()
     torch.manual_seed(0)
     return GPT(cfg)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from model import GPT
+from model import build_model
 from trainer.config import load_config
 from trainer.dist import Dist, init_distributed, shutdown, wrap_model
 from trainer.metrics import peak_flops
@@ -36,7 +36,7 @@ PRESETS = {  # (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
 def measure(mode: str, cfg, rt, iters: int, warmup: int) -> float:
     """Tokens per second of full training steps with the model wrapped as `mode`."""
     torch.manual_seed(0)
-    model = GPT(cfg.model).to(rt.device)
+    model = build_model(cfg.model).to(rt.device)
     wrapped = wrap_model(model, Dist(mode), cfg.train, rt)
     step_model = torch.compile(wrapped) if cfg.train.compile else wrapped
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
@@ -83,7 +83,7 @@ def main():
     rt = setup_runtime(cfg.train)
     d = init_distributed(cfg.train, rt)  # a one-process group: DDP and FSDP2 need one
     peak = peak_flops(rt.device)
-    flops_per_token = GPT(cfg.model).flops_per_token()
+    flops_per_token = build_model(cfg.model).flops_per_token()
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
     print(f"{name}, {preset} ({n_layer}x{n_embd}, context {block}, batch {batch}), "
           f"{str(rt.dtype).removeprefix('torch.')}, compile={args.compile}, torch {torch.__version__}")

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import GPT  # noqa: E402
+from model import build_model  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.guard import StepGuard, guarded_step  # noqa: E402
 from trainer.optim import build_optimizers  # noqa: E402
@@ -99,7 +99,7 @@ def time_steps(device: str, steps: int):
     cfg = load_config(str(REPO / "configs/small.yaml"), size + ["model.vocab_size=128"])
     if device == "cpu":
         torch.set_num_threads(1)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     opt = build_optimizers(model, cfg.optim, device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)
     guard = StepGuard(cfg.train, torch.device(device), scaler_enabled=False)

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from model import GPT  # noqa: E402
 from model.generate import Sampling, generate, sample_next  # noqa: E402
-from trainer.config import ModelConfig  # noqa: E402
+from model import GPTConfig  # noqa: E402
 from trainer.runtime import compile_with_fallback, pick_device  # noqa: E402
 
 SAMPLING = Sampling(temperature=0.8, top_k=200)
@@ -92,7 +92,7 @@ def main():
     if args.quick:
         args.tokens, args.batch = 200, 2
     device = pick_device(args.device)
-    cfg = ModelConfig(vocab_size=args.vocab, block_size=256, n_layer=6, n_head=6, n_embd=384, pos=args.pos)
+    cfg = GPTConfig(vocab_size=args.vocab, block_size=256, n_layer=6, n_head=6, n_embd=384, pos=args.pos)
     torch.manual_seed(0)
     model = GPT(cfg).to(device, getattr(torch, args.dtype)).eval()
     n = args.tokens

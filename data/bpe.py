@@ -39,7 +39,6 @@ Design decisions:
 import base64
 import heapq
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
@@ -48,6 +47,8 @@ from multiprocessing import get_context
 import regex
 import tiktoken
 from tqdm import tqdm
+
+from common.files import atomic_write
 
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # cl100k: case-insensitive contractions, digits in groups of at most 3, and
@@ -219,18 +220,7 @@ def ranks_from_text(text: str) -> dict[bytes, int]:
 
 def save_tiktoken_bpe(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     """Write ``ranks`` in tiktoken's format (``base64(token) rank`` per line), atomically."""
-    path = os.fspath(path)
-    lines = ranks_to_text(ranks)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".tiktoken")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, ranks_to_text(ranks))
 
 
 def load_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:

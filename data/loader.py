@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.errors import UserError
+from common.errors import UserError
 
 class TokenSplit:
     def __init__(self, prepared_dir: str | Path, split: str):

@@ -65,7 +65,8 @@ from tqdm import tqdm
 from data.sources import Source, Utf8Errors, read_records, read_text_pieces, resolve_sources
 from data.tokenizer import (CHAR_SEPARATOR, EOT, TIKTOKEN_ENCODINGS, TOKENIZERS, CharTokenizer,
                             TiktokenTokenizer, check_tokenizer_name)
-from trainer.errors import UserError, report_user_errors
+from common.errors import UserError, report_user_errors
+from common.files import atomic_write, publish, temporary_path
 
 FORMAT_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,16 @@ def resolve_path(path: str) -> Path:
         return p
     in_repo = REPO_ROOT / p
     return in_repo if in_repo.exists() else p
+
+
+def tokenizer_label(tokenizer) -> str:
+    """A tokenizer's name in folder names and fingerprints: the config name, or for a given
+    tokenizer (init_from's) its name and a hash of its whole state, so two bases with different
+    vocabularies never share a prepared folder."""
+    if isinstance(tokenizer, str):
+        return tokenizer
+    digest = hashlib.sha256(json.dumps(tokenizer.state(), sort_keys=True).encode()).hexdigest()
+    return f"{tokenizer.name}-{digest[:12]}"
 
 
 def default_prepared_dir(inputs: list[str], tokenizer: str) -> Path:
@@ -112,23 +123,27 @@ def read_meta(out_dir: Path) -> dict | None:
         return None
 
 
-def prepare_data(data, log=print) -> Path:
-    """`prepare` from a config's `data` section (trainer.config.DataConfig)."""
-    return prepare(data.input, data.tokenizer, data.prepared_dir or None, data.val_fraction, log=log,
+def prepare_data(data, log=print, tokenizer=None) -> Path:
+    """`prepare` from a config's `data` section (trainer.config.DataConfig); `tokenizer`, when
+    given, replaces `data.tokenizer` (init_from's)."""
+    return prepare(data.input, tokenizer or data.tokenizer, data.prepared_dir or None, data.val_fraction, log=log,
                    text_field=data.text_field, bpe_vocab_size=data.bpe_vocab_size,
                    bpe_sample_mb=data.bpe_sample_mb, workers=data.prep_workers)
 
 
-def prepare(inputs: list[str], tokenizer: str = "char", out_dir: str | Path | None = None,
+def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = None,
             val_fraction: float = 0.1, log=print, *, text_field: str = "text", bpe_vocab_size: int = 4096,
             bpe_sample_mb: float = 100.0, workers: int = 0, shard_tokens: int = SHARD_TOKENS) -> Path:
-    """Prepare `inputs` into `out_dir` unless an up-to-date preparation is already there."""
-    check_tokenizer_name(tokenizer)
+    """Prepare `inputs` into `out_dir` unless an up-to-date preparation is already there.
+    `tokenizer` is a name (data.tokenizer) or a tokenizer object to encode with as it is."""
+    if isinstance(tokenizer, str):
+        check_tokenizer_name(tokenizer)
+    label = tokenizer_label(tokenizer)
     if not 0 < val_fraction < 1:
         raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1)")
     sources = resolve_sources(list(inputs), resolve_path, warn=log)
-    out_dir = Path(out_dir) if out_dir else default_prepared_dir(list(inputs), tokenizer)
-    settings = {"tokenizer": tokenizer, "val_fraction": val_fraction}
+    out_dir = Path(out_dir) if out_dir else default_prepared_dir(list(inputs), label)
+    settings = {"tokenizer": label, "val_fraction": val_fraction}
     if any(s.kind != "text" for s in sources):
         settings["text_field"] = text_field
     if tokenizer == "bpe":
@@ -144,7 +159,7 @@ def prepare(inputs: list[str], tokenizer: str = "char", out_dir: str | Path | No
         if old and old.get("fingerprint") == fp and _is_complete(out_dir, old):
             return out_dir
         reason = "missing" if old is None else "stale (inputs or settings changed)"
-        log(f"preparing {', '.join(map(str, inputs))} with the {tokenizer} tokenizer into {out_dir} "
+        log(f"preparing {', '.join(map(str, inputs))} with the {label} tokenizer into {out_dir} "
             f"(prepared data {reason})")
         if all(s.size == 0 for s in sources):
             raise UserError(f"data.input: the corpus is empty ({', '.join(inputs)})")
@@ -154,7 +169,7 @@ def prepare(inputs: list[str], tokenizer: str = "char", out_dir: str | Path | No
         tok = _build_tokenizer(tokenizer, corpus, bpe_vocab_size, bpe_sample_mb, workers, out_dir, log)
         meta = _encode(corpus, tok, out_dir, workers, shard_tokens, log)
         meta.update(settings=settings, sources=described, fingerprint=fp)
-        _write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
+        atomic_write(out_dir / "meta.json", json.dumps(meta, indent=1))
     return out_dir
 
 
@@ -219,15 +234,6 @@ def _clear(out_dir: Path, old_meta: dict | None):
             f.unlink()
 
 
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The document stream
 
@@ -273,8 +279,10 @@ class Corpus:
                     dynamic_ncols=True, disable=None, leave=False)
 
 
-def _build_tokenizer(name: str, corpus: Corpus, bpe_vocab_size: int, bpe_sample_mb: float, workers: int,
+def _build_tokenizer(name, corpus: Corpus, bpe_vocab_size: int, bpe_sample_mb: float, workers: int,
                      out_dir: Path, log):
+    if not isinstance(name, str):  # given, as it is
+        return name
     if name in TIKTOKEN_ENCODINGS:
         return TiktokenTokenizer.openai(name)
     if name == "char":
@@ -325,7 +333,7 @@ class ShardWriter:
     def write(self, ids: np.ndarray):
         while len(ids):
             if self._file is None:
-                self._file, self._count = open(self._path().with_suffix(".bin.tmp"), "wb"), 0
+                self._file, self._count = open(temporary_path(self._path()), "wb"), 0
             take = min(len(ids), self.shard_tokens - self._count)
             ids[:take].tofile(self._file)
             self._count += take
@@ -338,7 +346,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         final = self._path()
-        os.replace(final.with_suffix(".bin.tmp"), final)
+        publish(temporary_path(final), final)
         self.shards.append({"file": final.name, "tokens": self._count})
         self._file = None
 
@@ -350,7 +358,7 @@ class ShardWriter:
     def abort(self):
         if self._file is not None:
             self._file.close()
-            self._path().with_suffix(".bin.tmp").unlink(missing_ok=True)
+            temporary_path(self._path()).unlink(missing_ok=True)
             self._file = None
 
 

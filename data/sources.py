@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import UserError
+from common.errors import UserError
 
 CHUNK_BYTES = 1 << 20
 HF_PREFIX = "hf:"

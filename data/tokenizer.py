@@ -3,8 +3,9 @@
 Every tokenizer has `name`, `vocab_size`, `eot_id` (None where the kind has no end-of-text
 token), `encode(text) -> list[int]`, `encode_array(text) -> np.ndarray` (what prep uses: no
 Python int per token), `decode(ids) -> str`, `decode_bytes(ids) -> bytes` (so a streaming sampler
-can emit whole UTF-8 characters even when a character spans tokens) and `state() -> dict` of
-strings and ints. The state is stored in meta.json and in every checkpoint, and `from_state`
+can emit whole UTF-8 characters even when a character spans tokens), `token_bytes() ->
+np.ndarray` (how many UTF-8 bytes each id decodes to, 0 for special tokens: what bits per byte
+divides by) and `state() -> dict` of strings and ints. The state is stored in meta.json and in every checkpoint, and `from_state`
 rebuilds the tokenizer from it alone, so sampling needs neither the corpus nor the network.
 
 Kinds:
@@ -29,7 +30,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from trainer.errors import UserError
+from common.errors import UserError
 
 TIKTOKEN_ENCODINGS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 TOKENIZERS = ("char", *TIKTOKEN_ENCODINGS, "bpe")
@@ -81,6 +82,9 @@ class CharTokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], dtype=np.int64)
 
     def state(self) -> dict:
         state = {"kind": "char", "chars": self.chars}
@@ -141,6 +145,12 @@ class TiktokenTokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         return self.enc.decode_bytes(list(ids))
+
+    def token_bytes(self) -> np.ndarray:
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, rank in self.ranks.items():  # special tokens stay 0: they are not text
+            counts[rank] = len(token)
+        return counts
 
     def state(self) -> dict:
         from data.bpe import ranks_to_text

@@ -6,35 +6,72 @@ projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does
 with depth). Modern options (rotary positions, RMSNorm, SwiGLU/ReLU², QK-norm, grouped-query
 attention, untied head, logit soft-capping) are config choices; see model/layers.py.
 
-Interface, shared by training, evaluation and generation:
+Beyond the family interface (model/base.py), forward takes a KV cache for generation:
     logits, loss = model(idx, targets=None, kv_caches=None, start_pos=0)
-idx (B, T) token ids; logits (B, T, vocab); loss is the mean cross-entropy over targets that
-are not -1, or None without targets. In compiled training (targets given, gradients enabled,
-under torch.compile) the logits are None: the loss is fused with the head's matmul. With
-kv_caches (one per block), idx holds the T tokens after the `start_pos` tokens already cached.
-With learned positions start_pos + T must fit in block_size; rotary models accept any length
-(attention then slides over a block_size window).
-start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
-model/generate.py: one captured graph serves every position); the caller then checks the range.
+In compiled training (targets given, gradients enabled, under torch.compile) the logits are
+None: the loss is fused with the head's matmul. With kv_caches (one per block), idx holds the T
+tokens after the `start_pos` tokens already cached. With learned positions start_pos + T must
+fit in block_size; rotary models accept any length (attention then slides over a block_size
+window). start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
+model/kv_cache.py: one captured graph serves every position); the caller then checks the range.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checks import at_least, choice, in_range, positive
+from common.errors import UserError
+from model.base import IGNORE, LanguageModel, ModelConfig
 from model.layers import NORMS, Block, Rotary
 from model.loss import linear_cross_entropy
 
 
-class GPT(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        assert cfg.vocab_size > 0, "vocab_size must be resolved from the tokenizer before building"
-        self.cfg = cfg
+@dataclass
+class GPTConfig(ModelConfig):
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_kv_head: int = 0  # key/value heads: 0 = n_head; fewer gives grouped-query, 1 multi-query
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and norms
+    pos: str = "learned"  # learned | rope
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp_hidden: int = 0  # MLP width: 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded to 64 (swiglu)
+    qk_norm: bool = False  # normalise queries and keys per head before attention
+    tie_weights: bool = True  # LM head shares the token embedding matrix
+    logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
+
+    def validate(self):
+        super().validate()
+        positive(self, "model", "n_layer", "n_head", "n_embd")
+        at_least(self, "model", 0, "n_kv_head", "mlp_hidden", "logit_softcap")
+        in_range(self, "model", "dropout", 0.0, 1.0, high_open=True)
+        choice(self, "model", "pos", ("learned", "rope"))
+        choice(self, "model", "norm", ("layernorm", "rmsnorm"))
+        choice(self, "model", "mlp", ("gelu", "swiglu", "relu2"))
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"model.pos=rope needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+        if self.rope_base <= 1:
+            raise UserError(f"model.rope_base={self.rope_base} must be > 1")
+
+
+class GPT(LanguageModel):
+    vocab_tensors = ("wte.weight", "lm_head.weight")
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.block_size) if cfg.pos == "rope" else None
@@ -82,19 +119,28 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
         return logits, loss
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without position embeddings (they cost no matmul FLOPs),
-        as GPT-2's figures are quoted. Tied weights count once."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.wpe is not None:
-            n -= self.wpe.weight.numel()
-        return n
+    # The family interface (model/base.py) ----------------------------------------------------
+
+    def embedding_params(self):
+        return [self.wte.weight] + ([self.wpe.weight] if self.wpe is not None else [])
+
+    def head_params(self):
+        return [self.lm_head.weight]
+
+    def units(self):
+        return self.blocks
 
     def flops_per_token(self) -> int:
-        """Training FLOPs (forward + backward) per token at full context: 6 per parameter plus
-        attention's 12 * layers * head_dim * heads * context (the PaLM paper's estimate)."""
+        """Training FLOPs per token at full context: 6 per matmul weight plus attention's
+        12 * layers * width * context (the PaLM paper's estimate; the scores and the weighted sum
+        of values, forward and backward)."""
         c = self.cfg
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0):
+        from model.kv_cache import KVDecoder
+
+        return KVDecoder(self, use_cache, decode, max_len)

@@ -55,12 +55,12 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float, max_len: int):
         super().__init__()
-        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
         self._build(max_len, device="cpu")
 
     def _build(self, max_len: int, device):
         # On the CPU, because some devices (MPS) have no float64.
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), self.inv_freq)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), self.inv_freq)
         # Not saved in checkpoints: they are a pure function of the config.
         self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
         self.register_buffer("sin", angles.sin().float().to(device), persistent=False)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from trainer.config import Config, load_config
-from trainer.errors import UserError
+from common.errors import UserError
 from tests.conftest import REPO, run_py
 
 

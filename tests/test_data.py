@@ -6,7 +6,7 @@ import pytest
 from data.loader import RandomWindows, TokenSplit, eval_windows
 from data.prepare import prepare
 from data.tokenizer import CharTokenizer, build_tokenizer, from_state
-from trainer.errors import UserError
+from common.errors import UserError
 
 
 def gpt2_or_skip():

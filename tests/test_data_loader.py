@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.loader import EpochWindows, RandomWindows, TokenSplit, build_loader, eval_windows
-from trainer.errors import UserError
+from common.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ import data.sources as sources
 from data.loader import TokenSplit
 from data.prepare import prepare, read_meta
 from data.tokenizer import CHAR_SEPARATOR, from_state
-from trainer.errors import UserError
+from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta naïve café 日本 😀 the of and to in".split()

@@ -11,7 +11,7 @@ import torch
 from data.tokenizer import (CHAR_SEPARATOR, TOKENIZERS, CharTokenizer, TiktokenTokenizer, build_tokenizer,
                             from_state)
 from trainer.config import load_config
-from trainer.errors import UserError
+from common.errors import UserError
 
 UNICODE = ("Hello, world! naïve café déjà vu — Ünïcödé ñ 日本語のテキスト 中文 한국어 "
            "emoji 😀🎉👩‍👩‍👧 flags 🇫🇷 math ∑∫√ tabs\tand\nnewlines\r\n  <|endoftext|> spaces   ")

@@ -21,7 +21,7 @@ from data.loader import RandomWindows
 from data.loader import TokenSplit
 from trainer.config import load_config
 from trainer.dist import plan_batches
-from trainer.errors import UserError
+from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, BLOCK = 4, 32
@@ -94,7 +94,7 @@ def test_two_processes_match_one_with_accumulation(runs, parallel):
 def test_fsdp_checkpoint_loads_in_one_process_for_sampling(runs):
     from sample import load_model
     two = runs("fsdp-3", "train.max_iters=3", "train.parallel=fsdp", nproc=2)
-    model, _, _ = load_model(str(two), torch.device("cpu"))
+    model, _, _, _ = load_model(str(two), torch.device("cpu"))
     assert not any(hasattr(p, "placements") for p in model.parameters())  # plain tensors, not DTensors
 
 

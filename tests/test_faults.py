@@ -24,10 +24,10 @@ import torch
 import sample
 import train
 from model import GPT
-from trainer import checkpoint as ckpt_mod
+from common import files as files_mod
 from trainer.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from trainer.config import load_config
-from trainer.errors import UserError
+from common.errors import UserError
 from trainer.guard import StepGuard, guarded_step
 from trainrun import REPO, Forker, make_data, metrics, train_args
 
@@ -170,7 +170,7 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(run, tmp_path,
     latest = tmp_path / "run" / LATEST
     before = latest.read_bytes()
     payload = load_checkpoint(latest)
-    monkeypatch.setattr(ckpt_mod, "open", lambda path, mode: FullDisk(open(path, mode), 50_000), raising=False)
+    monkeypatch.setattr(files_mod, "open", lambda path, mode: FullDisk(open(path, mode), 50_000), raising=False)
     with pytest.raises(UserError, match="No space left on device; the previous checkpoint is untouched"):
         save_checkpoint(payload, latest)
     assert latest.read_bytes() == before and not list(latest.parent.glob("*.tmp"))

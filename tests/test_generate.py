@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import GPT
-from model.generate import Context, KVCache, Sampling, TextStream, generate, penalise_repetition, sample_next
+from model.generate import Sampling, TextStream, generate, penalise_repetition, sample_next
+from model.kv_cache import KVCache, KVDecoder
 from model.layers import attention_mask
 from sample import main as sample_main
-from trainer.config import ModelConfig
+from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -49,7 +49,7 @@ def one_thread():
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
-    cfg = ModelConfig(**{**dict(vocab_size=50, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32), **overrides})
+    cfg = GPTConfig(**{**dict(vocab_size=50, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32), **overrides})
     torch.manual_seed(seed)
     model = GPT(cfg).double()
     for p in model.parameters():
@@ -68,7 +68,7 @@ def test_cached_logits_match_full_forward_every_step(arch, decode):
     # "static" is the fixed-shape step that CUDA graphs replay: every cache slot plus a mask.
     model = tiny_model(**ARCHS[arch])
     tokens = torch.randint(0, 50, (2, 4 * BLOCK), generator=torch.Generator().manual_seed(1))
-    cached, full = Context(model, use_cache=True, decode=decode), Context(model, use_cache=False)
+    cached, full = KVDecoder(model, use_cache=True, decode=decode), KVDecoder(model, use_cache=False)
     with torch.no_grad():
         for n in range(5, tokens.shape[1] + 1):  # prompt of 5, then well past the window
             torch.testing.assert_close(cached.next_logits(tokens[:, :n]), full.next_logits(tokens[:, :n]),
@@ -103,7 +103,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(arch):
     tokens = torch.randint(0, 50, (3, 3 * BLOCK), generator=torch.Generator().manual_seed(5)).cuda()
     for autocast, tol in ((False, 1e-5), (True, 3e-2)):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            graphed, dynamic = Context(model, decode="graph"), Context(model)
+            graphed, dynamic = KVDecoder(model, decode="graph"), KVDecoder(model)
             for n in range(5, tokens.shape[1] + 1):
                 a, b = graphed.next_logits(tokens[:, :n]).float(), dynamic.next_logits(tokens[:, :n]).float()
                 assert (a - b).abs().max() <= tol * b.abs().max(), (autocast, n)
@@ -112,7 +112,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(arch):
 
 def test_gqa_caches_only_the_kv_heads():
     model = tiny_model(n_kv_head=1)
-    context = Context(model)
+    context = KVDecoder(model)
     context.next_logits(torch.zeros(3, 4, dtype=torch.long))
     assert context.caches[0].k.shape == (3, 1, BLOCK, 32 // 4)
 
@@ -124,7 +124,7 @@ def test_rope_rolling_cache_is_a_sliding_window():
     # (up to the float32 rotary tables; a wrong window would be off by whole units).
     model = tiny_model(pos="rope", n_layer=1)
     tokens = torch.randint(0, 50, (1, 5 * BLOCK), generator=torch.Generator().manual_seed(3))
-    context = Context(model)
+    context = KVDecoder(model)
     with torch.no_grad():
         for n in range(BLOCK, tokens.shape[1] + 1, 7):
             torch.testing.assert_close(context.next_logits(tokens[:, :n]), model(tokens[:, n - BLOCK:n])[0][:, -1],
@@ -135,7 +135,7 @@ def test_rope_slow_path_equals_whole_history_forward():
     model = tiny_model(pos="rope")
     tokens = torch.randint(0, 50, (1, 6 * BLOCK), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(Context(model, use_cache=False).next_logits(tokens), model(tokens)[0][:, -1],
+        torch.testing.assert_close(KVDecoder(model, use_cache=False).next_logits(tokens), model(tokens)[0][:, -1],
                                    rtol=0, atol=1e-10)
 
 

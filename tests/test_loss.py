@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from model import GPT
 from model.loss import linear_cross_entropy
-from trainer.config import ModelConfig
+from model import GPTConfig
 
 
 def cross_entropy(logits, targets):
@@ -56,7 +56,7 @@ def test_bf16_autocast_matches_the_plain_path_to_bf16_precision():
 
 
 def tiny_model(**options):
-    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)
     cfg.validate()
     return GPT(cfg)
 
@@ -107,7 +107,7 @@ def test_compiled_model_on_cpu_matches_the_plain_path():
 def test_compiled_bf16_on_cuda_matches_the_plain_path(softcap):
     """What training runs on a GPU: the fused loss compiled by Inductor, under bf16 autocast."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=64, logit_softcap=softcap)
+    cfg = GPTConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=64, logit_softcap=softcap)
     cfg.validate()
     model = GPT(cfg).cuda()
     x, y = torch.randint(0, 4096, (8, 64), device="cuda"), torch.randint(0, 4096, (8, 64), device="cuda")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import GPT
-from trainer.config import ModelConfig
+from model import GPTConfig
 
 VARIANTS = {
     "classic": {},
@@ -18,8 +18,8 @@ VARIANTS = {
 }
 
 
-def tiny(**kw) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **kw)
+def tiny(**kw) -> GPTConfig:
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **kw)
     cfg.validate()
     return cfg
 
@@ -60,33 +60,54 @@ def test_tied_head_shares_embedding():
     tied, untied = GPT(tiny()), GPT(tiny(tie_weights=False))
     assert tied.lm_head.weight is tied.wte.weight
     assert untied.num_params() == tied.num_params() + 50 * 32
+    assert untied.flops_per_token() == tied.flops_per_token()  # the head's matmul either way
 
 
 def test_residual_projections_scaled_with_depth():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=8, n_head=4, n_embd=256))
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=8, n_head=4, n_embd=256))
     std_proj = model.blocks[0].mlp.c_proj.weight.std().item()
     std_fc = model.blocks[0].mlp.c_fc.weight.std().item()
     assert std_fc == pytest.approx(0.02, rel=0.05)
     assert std_proj == pytest.approx(0.02 / 4.0, rel=0.05)  # 1/sqrt(2 * 8)
 
 
-def test_param_count_and_flops():
-    cfg = tiny()
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_count_and_flops_count_lookups_as_free(tie):
+    """FLOPs count 6 per weight that takes part in a matmul: not the token and position lookups,
+    but the head's matrix, tied or not, plus attention's 12 * layers * width * context."""
+    cfg = tiny(tie_weights=tie)
     model = GPT(cfg)
-    counted = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
-    assert model.num_params() == counted
-    assert model.flops_per_token() == 6 * counted + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    V, C, T = cfg.vocab_size, cfg.n_embd, cfg.block_size
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    norms = 2 * C  # ln_f gain and bias
+    total = V * C + T * C + cfg.n_layer * per_block + norms + (0 if tie else V * C)
+    assert model.num_params() == total
+    matmul = cfg.n_layer * per_block + norms + V * C  # the head; the lookups are free
+    assert model.flops_per_token() == 6 * matmul + 12 * cfg.n_layer * C * T
 
 
-def test_gqa_with_all_heads_equals_plain_attention():
-    """n_kv_head == n_head is plain multi-head attention: same weights, same outputs."""
+def test_gqa_equals_attention_with_each_kv_head_repeated_for_its_group():
+    """Grouped-query attention against a plain multi-head model whose key/value weights are the
+    GQA model's, each kv head copied to the query heads of its group (the definition of GQA)."""
     torch.manual_seed(0)
-    plain = GPT(tiny())
-    explicit = GPT(tiny(n_kv_head=4))
-    explicit.load_state_dict(plain.state_dict())
+    gqa = GPT(tiny(n_kv_head=2, pos="rope"))
+    full = GPT(tiny(pos="rope"))
+    n_head, n_kv, hd = 4, 2, 32 // 4
+    state = gqa.state_dict()
+    for i in range(2):
+        w = state[f"blocks.{i}.attn.c_attn.weight"]  # rows: q (n_head*hd), k (n_kv*hd), v (n_kv*hd)
+        q, k, v = w.split([n_head * hd, n_kv * hd, n_kv * hd])
+        expand = lambda m: m.view(n_kv, hd, -1).repeat_interleave(n_head // n_kv, dim=0).reshape(n_head * hd, -1)  # noqa: E731
+        state[f"blocks.{i}.attn.c_attn.weight"] = torch.cat([q, expand(k), expand(v)])
+        b = state[f"blocks.{i}.attn.c_attn.bias"]
+        qb, kb, vb = b.split([n_head * hd, n_kv * hd, n_kv * hd])
+        state[f"blocks.{i}.attn.c_attn.bias"] = torch.cat([qb, *(x.view(n_kv, hd).repeat_interleave(2, 0).flatten()
+                                                                 for x in (kb, vb))])
+    full.load_state_dict(state)
     x = torch.randint(0, 50, (2, 16))
-    assert torch.equal(plain(x)[0], explicit(x)[0])
+    torch.testing.assert_close(gqa(x)[0], full(x)[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(gqa(x)[0], GPT(tiny(pos="rope"))(x)[0])  # the weights matter
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -7,7 +7,8 @@ import torch
 
 from model import GPT
 from trainer.checkpoint import save_checkpoint
-from trainer.config import Config, ModelConfig
+from model import GPTConfig
+from trainer.config import Config
 
 OPTIONS = dict(pos=["learned", "rope"], norm=["layernorm", "rmsnorm"], mlp=["gelu", "swiglu", "relu2"],
                qk_norm=[False, True], n_kv_head=[0, 2, 1], bias=[True, False], tie_weights=[True, False],
@@ -27,8 +28,8 @@ def pairwise_cover():
     return chosen
 
 
-def tiny(**options) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)
+def tiny(**options) -> GPTConfig:
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)
     cfg.validate()
     return cfg
 
@@ -69,7 +70,7 @@ def test_variant_checkpoints_load_in_sample(options, tmp_path):
     model = GPT(cfg.model)
     state = {"kind": "char", "chars": "".join(chr(ord("a") + i) for i in range(26)) + " .,:;!?\n'ABCDEFGHIJKLM"[:14]}
     save_checkpoint(dict(model=model.state_dict(), config=cfg.to_dict(), tokenizer=state, iter=0), tmp_path / "v.pt")
-    loaded, tokenizer, _ = sample.load_model(str(tmp_path / "v.pt"), torch.device("cpu"))
+    loaded, tokenizer, _, _ = sample.load_model(str(tmp_path / "v.pt"), torch.device("cpu"))
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     idx = torch.tensor([tokenizer.encode("abc")])

@@ -1,9 +1,12 @@
 """One checkpoint format, written so that a crash at any moment never loses the last good one.
 
-A checkpoint is a dict of tensors and plain Python values, loadable with
-`torch.load(weights_only=True)` (which refuses pickled code):
-    format, model (uncompiled parameter names), optimizer, scaler, config (resolved, as a dict),
-    tokenizer (plain-data state), iter, best_val_loss, rng, loader, guard
+A checkpoint is a flat dict of tensors and plain Python values, loadable with
+`torch.load(weights_only=True)` (which refuses pickled code). Its contents are assembled in one
+place, `trainer/state.py`'s `TrainingState`; other tools read the top-level `model` (weights,
+uncompiled names), `config` (resolved, as a dict), `tokenizer` (plain-data state) and `iter`.
+`load_model` here rebuilds a model and its tokenizer from a checkpoint alone, for every tool
+that only needs the weights (sampling, evaluation, serving, conversion): it maps the file into
+memory and reads just the model's tensors, never the optimizer state.
 
 Files in a run folder: `latest.pt` (the newest), `best.pt` (lowest val loss so far) and, with
 `train.keep_last: N`, the newest N as `ckpt-<iter>.pt`.
@@ -30,13 +33,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import UserError
+from common.errors import UserError
+from common.files import atomic_file, publish, temporary_path
 
 FORMAT_VERSION = 1
 LATEST, BEST = "latest.pt", "best.pt"
 HISTORY = re.compile(r"ckpt-(\d+)\.pt")
 REQUIRED = ("model", "config", "tokenizer", "iter")  # what sampling needs; resuming needs TRAINING too
-TRAINING = ("optimizer", "scaler", "rng", "loader", "best_val_loss")
+TRAINING = ("rng", "best_val_loss")  # and the parts the family has (trainer/state.py)
 
 
 class _WriteRecorder:
@@ -56,14 +60,6 @@ class _WriteRecorder:
         self.f.flush()
 
 
-def _fsync_dir(folder: Path):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
-
-
 def _write_error(path: Path, e: BaseException) -> UserError:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
     return UserError(f"could not write checkpoint {path}: {reason}; the previous checkpoint is untouched")
@@ -71,29 +67,22 @@ def _write_error(path: Path, e: BaseException) -> UserError:
 
 def save_checkpoint(payload: dict, path: str | Path):
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     recorder = None
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             recorder = _WriteRecorder(f)
             torch.save({"format": FORMAT_VERSION, **payload}, recorder)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, e) from None
     except RuntimeError:
         if recorder is None or recorder.error is None:
             raise  # not a failed write: a bug, keep its traceback
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, recorder.error) from None
-    _fsync_dir(path.parent)
 
 
 def link_checkpoint(src: Path, dst: Path):
     """Make dst the same complete file as src, atomically (a hard link, else a copy)."""
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = temporary_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         try:
@@ -102,11 +91,10 @@ def link_checkpoint(src: Path, dst: Path):
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        publish(tmp, dst)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _write_error(dst, e) from None
-    _fsync_dir(dst.parent)
 
 
 def history(folder: Path) -> list[Path]:
@@ -140,12 +128,14 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", for_training: bool = False) -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", for_training: bool = False, mmap: bool = False) -> dict:
+    """The checkpoint's dict. mmap=True maps the file instead of reading it: tensors are read
+    when touched, so a caller that needs only the weights never reads the optimizer state."""
     path = Path(path)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off one lacks its directory
         raise UserError(f"{path}: corrupt or truncated checkpoint (not a complete torch.save archive)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; the line naming what was refused is the useful one
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -168,3 +158,22 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str | Path):
     except RuntimeError as e:
         detail = str(e).strip().splitlines()[-1].strip()  # the first line only says "Error(s) in loading"
         raise UserError(f"{path}: weights do not fit the model's architecture ({detail[:200]})") from None
+
+
+def load_model(ckpt_path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode on device, tokenizer, config, checkpoint path) from a run folder (its
+    best.pt, else latest.pt) or a checkpoint file. Only the weights are read."""
+    from data.tokenizer import from_state
+    from model import build_model
+    from trainer.config import Config
+
+    path = find_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(path, mmap=True)
+    cfg = Config.from_dict(ckpt["config"], source=f"{path} (config)")
+    tokenizer = from_state(ckpt["tokenizer"])
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"{path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
+                        f"(model.vocab_size={cfg.model.vocab_size}); the checkpoint mixes two runs")
+    model = build_model(cfg.model)
+    load_model_state(model, ckpt, path)
+    return model.to(device).eval(), tokenizer, cfg, path

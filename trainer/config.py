@@ -2,13 +2,17 @@
 
 Design decisions:
 - Every knob is a dataclass field with its default and a one-line comment; this file is the
-  reference for what a config may say. YAML sections map onto the section dataclasses, and a
-  dotted command-line override (`model.n_layer=2`) addresses the same field.
+  reference for what a config may say, except the `model` section, whose dataclass is the
+  family's own (`model.arch` picks it: model/gpt.py's GPTConfig, ...). YAML sections map onto
+  the section dataclasses, and a dotted command-line override (`model.n_layer=2`) addresses the
+  same field. Overrides are applied to the YAML before anything is built, so `model.arch=lstm`
+  on the command line picks the family whose keys the rest of the section is checked against.
 - Values are checked against the field's annotated type (a YAML `1e-3`, which YAML reads as a
   string, is accepted for a float field), then each section's `validate` checks what types
   cannot (ranges, divisibility, choices). Every failure is a `UserError` naming the key.
 - An unknown key is an error, never silently ignored, with the closest valid key suggested:
-  a misspelt `n_layers` that trains the default model is an hour lost.
+  a misspelt `n_layers` that trains the default model is an hour lost. A key of another model
+  family (`model.pos` for the n-gram) is named as such.
 - The resolved config round-trips through `to_dict`/`from_dict`; it is written next to the
   run and into every checkpoint, so a checkpoint alone rebuilds its model and tokenizer.
 """
@@ -24,43 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from trainer.errors import UserError
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 0  # 0: taken from the tokenizer (padded up to a multiple of 64 on GPU)
-    block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    n_kv_head: int = 0  # key/value heads: 0 = n_head; fewer gives grouped-query, 1 multi-query
-    dropout: float = 0.0
-    bias: bool = True  # biases in linear layers and norms
-    pos: str = "learned"  # learned | rope
-    rope_base: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu | relu2
-    mlp_hidden: int = 0  # MLP width: 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded to 64 (swiglu)
-    qk_norm: bool = False  # normalise queries and keys per head before attention
-    tie_weights: bool = True  # LM head shares the token embedding matrix
-    logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
-
-    def validate(self):
-        _positive(self, "model", "block_size", "n_layer", "n_head", "n_embd")
-        _at_least(self, "model", 0, "vocab_size", "n_kv_head", "mlp_hidden", "logit_softcap")
-        _in_range(self, "model", "dropout", 0.0, 1.0, high_open=True)
-        _choice(self, "model", "pos", ("learned", "rope"))
-        _choice(self, "model", "norm", ("layernorm", "rmsnorm"))
-        _choice(self, "model", "mlp", ("gelu", "swiglu", "relu2"))
-        if self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.n_kv_head and self.n_head % self.n_kv_head:
-            raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"model.pos=rope needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
-        if self.rope_base <= 1:
-            raise UserError(f"model.rope_base={self.rope_base} must be > 1")
+from common.checks import at_least, choice, in_range, positive
+from common.errors import UserError
+from model import FAMILIES, ModelConfig, config_class
+from model.gpt import GPTConfig
 
 
 @dataclass
@@ -80,11 +51,11 @@ class DataConfig:
 
         if not self.input:
             raise UserError("data.input is empty; give at least one text file")
-        _in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
-        _choice(self, "data", "tokenizer", TOKENIZERS)
-        _choice(self, "data", "sampling", ("random", "epoch"))
-        _at_least(self, "data", 257, "bpe_vocab_size")  # 256 bytes + the end-of-text token
-        _at_least(self, "data", 0, "bpe_sample_mb", "prep_workers")
+        in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        choice(self, "data", "tokenizer", TOKENIZERS)
+        choice(self, "data", "sampling", ("random", "epoch"))
+        at_least(self, "data", 257, "bpe_vocab_size")  # 256 bytes + the end-of-text token
+        at_least(self, "data", 0, "bpe_sample_mb", "prep_workers")
 
 
 @dataclass
@@ -107,14 +78,14 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: final share of decay_iters spent decaying linearly
 
     def validate(self):
-        _at_least(self, "optim", 0.0, "lr", "embed_lr", "head_lr", "muon_lr", "min_lr", "weight_decay", "eps")
-        _at_least(self, "optim", 0, "warmup_iters", "decay_iters")
+        at_least(self, "optim", 0.0, "lr", "embed_lr", "head_lr", "muon_lr", "min_lr", "weight_decay", "eps")
+        at_least(self, "optim", 0, "warmup_iters", "decay_iters")
         for key in ("beta1", "beta2", "muon_momentum"):
-            _in_range(self, "optim", key, 0.0, 1.0, high_open=True)
-        _in_range(self, "optim", "decay_fraction", 0.0, 1.0)
-        _choice(self, "optim", "optimizer", ("adamw", "muon"))
-        _choice(self, "optim", "adamw_impl", ("auto", "fused", "foreach"))
-        _choice(self, "optim", "schedule", ("cosine", "wsd", "constant"))
+            in_range(self, "optim", key, 0.0, 1.0, high_open=True)
+        in_range(self, "optim", "decay_fraction", 0.0, 1.0)
+        choice(self, "optim", "optimizer", ("adamw", "muon"))
+        choice(self, "optim", "adamw_impl", ("auto", "fused", "foreach"))
+        choice(self, "optim", "schedule", ("cosine", "wsd", "constant"))
         if self.min_lr > self.lr:
             raise UserError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}")
 
@@ -147,31 +118,34 @@ class TrainConfig:
     spike_window: int = 128  # recent good steps the spike guard's mean and std are taken over
 
     def validate(self):
-        _positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
+        positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
                   "dist_timeout_s", "spike_window")
-        _at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss",
+        at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss",
                   "ckpt_interval", "keep_last", "max_bad_steps", "spike_z")
-        _choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
-        _choice(self, "train", "attention", ("auto", "flash", "cudnn", "efficient", "math"))
+        choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
+        choice(self, "train", "attention", ("auto", "flash", "cudnn", "efficient", "math"))
         parse_duration(self.max_time, "train.max_time")
         if self.tokens_per_step and self.grad_accum != 1:
             raise UserError(f"train.grad_accum={self.grad_accum} conflicts with train.tokens_per_step="
                             f"{self.tokens_per_step}: accumulation is derived from tokens_per_step; "
                             f"leave grad_accum at 1")
-        _choice(self, "train", "dtype", ("auto", "float32", "bfloat16", "float16"))
+        choice(self, "train", "dtype", ("auto", "float32", "bfloat16", "float16"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=GPTConfig)  # the family's own dataclass, by model.arch
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "out"  # run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False  # start afresh even if out_dir already holds a run
+    init_from: str = ""  # start a fresh run from these weights: a run folder or checkpoint file (trainer/init.py)
+
+    given = frozenset()  # not a field: the dotted keys the YAML file or command line set (load_config)
 
     def validate(self) -> "Config":
         for section in (self.model, self.data, self.optim, self.train):
@@ -180,6 +154,9 @@ class Config:
             raise UserError("out_dir is empty")
         if self.resume and self.overwrite:
             raise UserError("resume=true and overwrite=true contradict each other; pick one")
+        if self.resume and self.init_from:
+            raise UserError("resume=true continues the run in out_dir; init_from starts a new one from other "
+                            "weights; pick one")
         if self.train.parallel == "fsdp" and self.optim.optimizer == "muon":
             raise UserError("optim.optimizer=muon does not work with train.parallel=fsdp (Newton-Schulz needs whole "
                             "matrices, FSDP holds shards); use train.parallel=ddp or optim.optimizer=adamw")
@@ -194,18 +171,26 @@ class Config:
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """YAML file (or the defaults when path is None) plus dotted `key=value` overrides."""
+    """YAML file (or the defaults when path is None) plus dotted `key=value` overrides. The keys
+    the file or the command line set are kept as `cfg.given` (init_from needs to know which
+    model keys the user asked for, as opposed to defaults)."""
     raw = _read_yaml(path) if path else {}
+    origin = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"command line: expected key=value, got {item!r}")
         key = key.strip()
-        tp = _field_type(key)
-        if tp is None:
-            raise _unknown_key(key, "command line")
-        _set_dotted(raw, key, _coerce(_parse_scalar(value), tp, key, "command line"), "command line")
-    return Config.from_dict(raw, source=path or "config")
+        _set_dotted(raw, key, _parse_scalar(value), "command line")
+        origin[key] = "command line"
+    cfg = _build(Config, raw, path or "config", prefix="", origin=origin).validate()
+    cfg.given = frozenset(_leaves(raw))
+    return cfg
+
+
+def _leaves(raw: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in raw.items()
+            for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
 
 
 def parse_duration(text: str, key: str) -> float | None:
@@ -219,9 +204,13 @@ def parse_duration(text: str, key: str) -> float | None:
 
 
 def all_keys(cls=Config, prefix="") -> list[str]:
+    """Every valid dotted key; the model section's are those of every family."""
     keys = []
     for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if tp is ModelConfig:
+            family_keys = [k for family, _ in FAMILIES.values() for k in all_keys(family, prefix + name + ".")]
+            keys += list(dict.fromkeys(family_keys))
+        elif dataclasses.is_dataclass(tp):
             keys += all_keys(tp, prefix + name + ".")
         else:
             keys.append(prefix + name)
@@ -230,21 +219,6 @@ def all_keys(cls=Config, prefix="") -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Reading and type-checking
-
-
-def _field_type(key: str):
-    """The annotated type of a dotted leaf key, or None if there is no such key."""
-    cls, parts = Config, key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        tp = hints[part]
-        if dataclasses.is_dataclass(tp):
-            cls = tp
-        else:
-            return tp if i == len(parts) - 1 else None
-    return None
 
 
 def _read_yaml(path: str) -> dict:
@@ -301,21 +275,36 @@ def _unknown_key(key: str, source: str) -> UserError:
     return UserError(f"{source}: unknown key {key!r}{hint}")
 
 
-def _build(cls, raw, source: str, prefix: str):
+def _build(cls, raw, source: str, prefix: str, origin: dict | None = None):
+    """A dataclass from a mapping; a key's errors name the file, or the command line for keys
+    set there (`origin`)."""
+    origin = origin or {}
     if not isinstance(raw, dict):
         raise UserError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    if cls is ModelConfig:  # the family's own dataclass
+        arch = raw.get("arch", ModelConfig.arch)
+        if not isinstance(arch, str):
+            raise UserError(f"{origin.get(prefix + 'arch', source)}: {prefix}arch must be a string, got {arch!r}")
+        cls = config_class(arch)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise _unknown_key(prefix + str(key), source)
+            where = origin.get(prefix + str(key), source)
+            if cls in (family for family, _ in FAMILIES.values()):
+                owners = [name for name, (family, _) in FAMILIES.items()
+                          if key in {f.name for f in dataclasses.fields(family)}]
+                if owners:
+                    raise UserError(f"{where}: {prefix}{key} does not apply to model.arch={raw.get('arch', 'gpt')} "
+                                    f"(it is an option of {', '.join(owners)})")
+            raise _unknown_key(prefix + str(key), where)
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, source, prefix + name + ".")
+            kwargs[name] = _build(tp, value if value is not None else {}, source, prefix + name + ".", origin)
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name, source)
+            kwargs[name] = _coerce(value, tp, prefix + name, origin.get(prefix + name, source))
     return cls(**kwargs)
 
 
@@ -356,36 +345,3 @@ def _coerce(value, tp, key: str, source: str):
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     raise TypeError(f"config field {key} has unsupported type {tp}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Value checks, each naming the key
-
-
-def _positive(section, name, *keys):
-    for k in keys:
-        v = getattr(section, k)
-        if v <= 0:
-            raise UserError(f"{name}.{k}={v} must be >= 1" if isinstance(v, int) else f"{name}.{k}={v} must be > 0")
-
-
-def _at_least(section, name, low, *keys):
-    for k in keys:
-        v = getattr(section, k)
-        if v < low:
-            raise UserError(f"{name}.{k}={v} must be >= {low}")
-
-
-def _in_range(section, name, key, low, high, low_open=False, high_open=False):
-    v = getattr(section, key)
-    ok_low = v > low if low_open else v >= low
-    ok_high = v < high if high_open else v <= high
-    if not (ok_low and ok_high):
-        lb, hb = "(" if low_open else "[", ")" if high_open else "]"
-        raise UserError(f"{name}.{key}={v} must be in {lb}{low}, {high}{hb}")
-
-
-def _choice(section, name, key, allowed):
-    v = getattr(section, key)
-    if v not in allowed:
-        raise UserError(f"{name}.{key}={v!r} is not one of: {', '.join(allowed)}")

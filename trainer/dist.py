@@ -14,6 +14,7 @@ Design decisions:
   `fully_shard` to each block, then to the root (torchtitan's layout), sharding parameters,
   gradients and optimizer state; on GPU its policy computes in the run's low-precision dtype
   and reduces gradients in fp32. Activation checkpointing, when asked for, wraps each block.
+  The blocks are whatever the model family names as its units (model/base.py).
 - Gradient accumulation communicates once per optimizer step: DDP's `no_sync`, FSDP2's
   `set_requires_gradient_sync(False)` on the other micro-steps (FSDP2 then keeps unsharded
   gradients until the last micro-step: memory traded for communication).
@@ -33,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,8 +47,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.checkpoint import LATEST, load_checkpoint
-from trainer.errors import UserError
+from common.errors import UserError
 from trainer.rundir import claim_out_dir
+from trainer.signals import exit_on_sigterm
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,7 @@ def init_distributed(train_cfg, rt) -> Dist:
         dist.init_process_group(**group, store=dist.HashStore(), rank=0, world_size=1)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
-    # torchrun stops the survivors of a failed rank with SIGTERM; say so instead of vanishing.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(
-        f"rank {rank}: stopped: another process of the job failed or the job was cancelled "
-        f"(torchrun's report names the failed rank)"))
+    exit_on_sigterm(rank)
     return Dist(train_cfg.parallel, rank, local_rank, world)
 
 
@@ -188,10 +186,11 @@ def barrier(d: Dist):
 def wrap_model(model: torch.nn.Module, d: Dist, train_cfg, rt) -> torch.nn.Module:
     """The module the training step calls. FSDP shards `model` in place (it is the root), so
     the optimizer must be built from `model` after this call."""
-    if train_cfg.activation_checkpointing:
+    units = model.units()  # the repeated blocks (model/base.py); None: the model is one unit
+    if train_cfg.activation_checkpointing and units is not None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
+        for i, unit in enumerate(units):
+            units[i] = checkpoint_wrapper(unit)
     if d.parallel == "ddp":
         # The only buffers (rotary tables) are computed identically everywhere: no per-forward
         # broadcast of them (the keyword was renamed in torch 2.13).
@@ -203,8 +202,8 @@ def wrap_model(model: torch.nn.Module, d: Dist, train_cfg, rt) -> torch.nn.Modul
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
               if rt.dtype != torch.float32 else MixedPrecisionPolicy())
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
+        for unit in units or ():
+            fully_shard(unit, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model
 

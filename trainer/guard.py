@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.errors import UserError
+from common.errors import UserError
 
 
 class DivergedError(UserError):

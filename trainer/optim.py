@@ -1,14 +1,18 @@
 """Optimizers and the learning-rate schedule.
 
-Parameter groups, each with its own base lr (`base_lr`; the schedule scales every group by the
-same multiplier, so their ratios hold throughout training):
-- AdamW, decayed: 2-D hidden weights (unless Muon takes them).
-- AdamW, not decayed: biases and norm gains (decaying them only hurts, as in GPT-2/nanoGPT).
-- AdamW embeddings (`embed_lr`) and an untied head (`head_lr`), decayed.
-- Muon (`optimizer: muon`): the 2-D weights inside the blocks, orthogonalised updates.
+The model says what each parameter is (model/base.py `param_groups`: embed, head, matrix,
+vector); this module turns those roles into optimizer groups, each with its own base lr
+(`base_lr`; the schedule scales every group by the same multiplier, so their ratios hold
+throughout training):
+- matrix: hidden 2-D weights: Muon's orthogonalised updates (`optimizer: muon`), else AdamW, decayed.
+- vector: biases, norm gains and other vectors: AdamW, not decayed (decaying them only hurts, as
+  in GPT-2/nanoGPT).
+- embed: token/position lookups (and a tied head): AdamW at `embed_lr`, decayed.
+- head: an untied output head: AdamW at `head_lr`, decayed.
 
-`Optimizers` presents one or two torch optimizers as one: a single step/zero_grad/state_dict
-for the training loop and the checkpoint.
+`Optimizers` presents one or two torch optimizers as one to the training loop: the schedule's
+multiplier, unscaling and zeroing (the step is `trainer/guard.py`'s, the state the distributed
+checkpoint helpers').
 """
 
 from __future__ import annotations
@@ -41,10 +45,6 @@ class Optimizers:
         for g in self.param_groups:
             g["lr"] = g["base_lr"] * mult
 
-    def step(self, scaler=None):
-        for opt in self.optimizers:
-            scaler.step(opt) if scaler is not None else opt.step()
-
     def unscale_(self, scaler):
         for opt in self.optimizers:
             scaler.unscale_(opt)
@@ -53,46 +53,24 @@ class Optimizers:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {str(i): opt.state_dict() for i, opt in enumerate(self.optimizers)}
 
-    def load_state_dict(self, state: dict):
-        for i, opt in enumerate(self.optimizers):
-            opt.load_state_dict(state[str(i)])
-
-
-def build_optimizers(model: torch.nn.Module, cfg, device_type: str) -> Optimizers:
-    embed = {id(model.wte.weight)} | ({id(model.wpe.weight)} if model.wpe is not None else set())
-    head = set() if model.cfg.tie_weights else {id(model.lm_head.weight)}
-    groups = {"decay": [], "no_decay": [], "embed": [], "head": [], "muon": []}
-    for name, p in model.named_parameters():  # tied weights appear once
-        if not p.requires_grad:
-            continue
-        if id(p) in embed:
-            groups["embed"].append(p)
-        elif id(p) in head:
-            groups["head"].append(p)
-        elif p.dim() < 2:
-            groups["no_decay"].append(p)
-        elif cfg.optimizer == "muon" and name.startswith("blocks."):
-            groups["muon"].append(p)
-        else:
-            groups["decay"].append(p)
+def build_optimizers(model, cfg, device_type: str) -> Optimizers:
+    roles = model.param_groups()
+    muon = cfg.optimizer == "muon"
 
     def group(params, lr, wd):
         return {"params": params, "lr": lr, "base_lr": lr, "weight_decay": wd}
 
     adamw_groups = [g for g in (
-        group(groups["decay"], cfg.lr, cfg.weight_decay),
-        group(groups["no_decay"], cfg.lr, 0.0),
-        group(groups["embed"], cfg.embed_lr or cfg.lr, cfg.weight_decay),
-        group(groups["head"], cfg.head_lr or cfg.lr, cfg.weight_decay),
+        group([] if muon else roles["matrix"], cfg.lr, cfg.weight_decay),
+        group(roles["vector"], cfg.lr, 0.0),
+        group(roles["embed"], cfg.embed_lr or cfg.lr, cfg.weight_decay),
+        group(roles["head"], cfg.head_lr or cfg.lr, cfg.weight_decay),
     ) if g["params"]]
-    optimizers = [torch.optim.AdamW(adamw_groups, **_adamw_kwargs(cfg, device_type))]
-    if groups["muon"]:
+    optimizers = [torch.optim.AdamW(adamw_groups, **_adamw_kwargs(cfg, device_type))] if adamw_groups else []
+    if muon and roles["matrix"]:
         # No decay on Muon's matrices: at Muon's lr, AdamW's decay would shrink them ~100x faster.
-        optimizers.append(Muon([group(groups["muon"], cfg.muon_lr, 0.0)],
-                               momentum=cfg.muon_momentum))
+        optimizers.append(Muon([group(roles["matrix"], cfg.muon_lr, 0.0)], momentum=cfg.muon_momentum))
     return Optimizers(optimizers)
 
 

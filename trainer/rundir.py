@@ -16,7 +16,6 @@ read-only mount.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import yaml
 
 from trainer.checkpoint import BEST, LATEST, history, load_checkpoint
 from trainer.config import Config
-from trainer.errors import UserError
+from common.errors import UserError
+from common.files import atomic_write
 
 METRICS = "metrics.jsonl"
 RUN_FILES = (LATEST, BEST, METRICS, "config.yaml")
@@ -78,9 +78,7 @@ def rewind_run(out_dir: str, last_iter: int):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line torn by a kill mid-write
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -114,7 +112,4 @@ def check_resume_config(cfg: Config, ckpt: dict, log=print):
 
 
 def write_config(cfg: Config):
-    path = Path(cfg.out_dir) / "config.yaml"
-    tmp = path.with_name("config.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(Path(cfg.out_dir) / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

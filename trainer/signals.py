@@ -1,4 +1,4 @@
-"""Preemption: turn SIGTERM / SIGINT into a request to stop at the next step boundary.
+"""Signals, all in one place: SIGTERM / SIGINT become a request to stop at the next step boundary.
 
 Schedulers (Slurm, Kubernetes, spot instances) send SIGTERM and allow a grace period before
 SIGKILL; Ctrl-C sends SIGINT. Either one only sets a flag: the loop finishes the step it is in
@@ -9,11 +9,15 @@ checkpoint, as after any kill). A second SIGTERM changes nothing: the save is al
 
 The previous handlers are put back on exit, so calling `train()` from Python or a test leaves
 the process as it found it.
+
+Under torchrun, SIGTERM is how the launcher stops the survivors of a failed rank, where a save
+would wait on the dead peer: `exit_on_sigterm` makes it end the process at once, with a line.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 
@@ -40,3 +44,10 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         return False
+
+
+def exit_on_sigterm(rank: int):
+    """A distributed rank: SIGTERM ends the process at once, saying why instead of vanishing."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(
+        f"rank {rank}: stopped: another process of the job failed or the job was cancelled "
+        f"(torchrun's report names the failed rank)"))

@@ -1,0 +1,1 @@
+"""What every package needs and none owns: the user-error type, atomic file writes, value checks."""

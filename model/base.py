@@ -1,0 +1,141 @@
+"""The model interface: what the trainer, the sampler and the tools need from a model family.
+
+A family (GPT, LSTM, RWKV, n-gram) is one module in `model/` holding a config dataclass (a
+subclass of `ModelConfig`) and a model (a subclass of `LanguageModel`), registered by name in
+`model/__init__.py`. Nothing outside `model/` knows a family's insides: `train.py`, `sample.py`,
+the optimizer, the distributed wrappers and the converters go through these methods only.
+
+    logits, loss = model(idx, targets=None)
+        idx (B, T) token ids -> logits (B, T, vocab) for the next token at every position; loss is
+        the mean cross-entropy over targets that are not IGNORE (-1), or None without targets.
+    model.param_groups() -> {"embed" | "head" | "matrix" | "vector": [parameters]}
+        how the optimizer treats each trainable parameter: token/position lookups (their own lr),
+        an untied output head (its own lr), hidden 2-D weights (Muon's, or decayed AdamW), and
+        gains, biases and other vectors (AdamW without decay).
+    model.units() -> nn.ModuleList | None
+        the repeated blocks: what FSDP shards one by one and activation checkpointing wraps.
+    model.flops_per_token() -> int
+        training FLOPs (forward + backward) per token, lookups excluded, for MFU.
+    model.decoder(...) -> Decoder
+        generation state: `next_logits(tokens)` takes the whole sequence so far and feeds the
+        model only what it has not seen (a KV cache, a recurrent state, the last n-1 tokens).
+    model.trainable
+        False for a counted model (the n-gram): the loop fits it in one pass, with no optimizer.
+    model.vocab_tensors
+        state-dict names of the tensors indexed by token id in their first dimension (embedding,
+        head), so a vocabulary can grow (`init_from` with added tokens) without knowing the family.
+
+Design decisions:
+- The config is the model: a family's model is a function of its config alone (and a seed), so a
+  checkpoint's config rebuilds it. Options that do not apply to a family are config errors.
+- The interface is a base class with defaults, not a protocol: the defaults (parameter roles by
+  shape, no units, 6 FLOPs per matmul weight) are right for most families, and a family
+  overrides only what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from common.checks import at_least, positive
+
+IGNORE = -1  # a target that takes no part in the loss (masked prompt, padding)
+
+
+def padded_vocab(tokenizer_vocab: int) -> int:
+    """The model's vocabulary for a tokenizer's: large ones are padded to a multiple of 64 for
+    faster matmuls (50257 -> 50304; the sampler never emits the padding ids), small ones exact."""
+    return tokenizer_vocab if tokenizer_vocab < 1024 else (tokenizer_vocab + 63) // 64 * 64
+
+
+@dataclass
+class ModelConfig:
+    """The keys every family has; a family's config adds its own."""
+
+    arch: str = "gpt"  # the model family: gpt | lstm | rwkv | ngram (model/__init__.py)
+    vocab_size: int = 0  # 0: taken from the tokenizer (padded up to a multiple of 64 when >= 1024)
+    block_size: int = 256  # context length in tokens: training windows, and what generation sees
+
+    def validate(self):
+        positive(self, "model", "block_size")
+        at_least(self, "model", 0, "vocab_size")
+
+
+class Decoder(Protocol):
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N), the whole sequence so far -> logits (B, vocab) for token N."""
+
+
+class LanguageModel(nn.Module):
+    trainable = True
+    vocab_tensors: tuple[str, ...] = ()
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("vocab_size must be resolved from the tokenizer before building")
+        self.cfg = cfg
+
+    # What the optimizer needs --------------------------------------------------------------
+
+    def embedding_params(self) -> list[nn.Parameter]:
+        """Parameters used as lookup tables (token and position embeddings)."""
+        return []
+
+    def head_params(self) -> list[nn.Parameter]:
+        """An output head with its own learning rate (an untied LM head); a tied one is an embedding."""
+        return []
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        embed = {id(p) for p in self.embedding_params()}
+        head = {id(p) for p in self.head_params()} - embed
+        groups = {"embed": [], "head": [], "matrix": [], "vector": []}
+        for p in self.parameters():  # tied parameters appear once
+            if not p.requires_grad:
+                continue
+            role = ("embed" if id(p) in embed else "head" if id(p) in head
+                    else "matrix" if p.dim() >= 2 else "vector")
+            groups[role].append(p)
+        return groups
+
+    # What distribution and MFU need ------------------------------------------------------------
+
+    def units(self) -> nn.ModuleList | None:
+        return None
+
+    def num_params(self) -> int:
+        """Parameters, tied ones counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token: all but the lookups, plus the head's
+        matrix when it is tied to the embedding (the lookup then costs nothing, the head does)."""
+        lookups = sum(p.numel() for p in self.embedding_params())
+        tied_head = sum(p.numel() for p in self.head_params() if any(p is e for e in self.embedding_params()))
+        return self.num_params() - lookups + tied_head
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 2 per matmul weight forward, 4 backward (Kaplan et al.)."""
+        return 6 * self.matmul_params()
+
+    # Generation -----------------------------------------------------------------------------------
+
+    def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0) -> Decoder:
+        """Generation state for one batch. use_cache=False recomputes from scratch each token (the
+        reference the cached path is checked against); decode and max_len are hints a family may
+        use (GPT: fixed-shape steps and CUDA graphs, tables sized for max_len positions)."""
+        return Recompute(self)
+
+
+class Recompute:
+    """The decoder with no state: a full forward over the last block_size tokens per token."""
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+
+    def next_logits(self, tokens):
+        return self.model(tokens[:, -self.model.cfg.block_size:])[0][:, -1]
