@@ -2,6 +2,7 @@
 
     python sample.py --ckpt out/small --prompt "ROMEO:" [--max-new-tokens 500] [--num-samples 1]
     python sample.py --ckpt out/small --interactive      # one prompt per line; Ctrl-D exits
+    python sample.py --ckpt out/sft --chat [--system TEXT]   # chat with a fine-tuned model (chat/repl.py)
 
 Reads top to bottom: load checkpoint (config + tokenizer + weights) -> encode prompt ->
 generate -> stream. The checkpoint carries its tokenizer, so no corpus or network is needed.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from chat.repl import chat_repl
 from common.errors import UserError, report_user_errors
 from model.generate import Sampling, TextStream, generate
 from trainer.checkpoint import load_model
@@ -93,6 +95,9 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="out", help="run folder (uses best.pt, else latest.pt) or checkpoint file")
     ap.add_argument("--prompt", default="\n", help="text to continue, or @path to read it from a file")
     ap.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin (Ctrl-D exits)")
+    ap.add_argument("--chat", action="store_true",
+                    help="chat with a model fine-tuned on chat data: one user turn per line; /reset, /exit, Ctrl-D")
+    ap.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
     ap.add_argument("--max-new-tokens", type=int, default=500)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=200, help="0 = off")
@@ -124,7 +129,9 @@ def main(argv=None):
         rt = Runtime(device, pick_dtype(args.dtype, device))
         if args.compile and device.type != "cuda":
             raise UserError(f"--compile is for CUDA devices; this run is on {device}")
-        model, tokenizer, _, _ = load_model(args.ckpt, device)
+        if args.system is not None and not args.chat:
+            raise UserError("--system is for --chat")
+        model, tokenizer, cfg, _ = load_model(args.ckpt, device)
         if args.compile:
             # Dynamic shapes: the prefill length and the cache length change from call to call.
             log = lambda message: print(message, file=sys.stderr)  # noqa: E731
@@ -138,6 +145,9 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             print(f"generated {made} tokens in {dt:.2f} s ({made / dt:.1f} tokens/s)", file=sys.stderr)
 
+        if args.chat:
+            chat_repl(model, tokenizer, cfg.model.block_size, args, rt)
+            return
         if not args.interactive:
             run(read_prompt(args.prompt), echo_prompt=True)
             return

@@ -30,16 +30,18 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from common.errors import UserError, report_user_errors
-from data.loader import TokenSplit, build_loader, eval_windows
+from data.loader import TokenSplit, build_loader, eval_windows, open_split
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
 from model import IGNORE, build_model, padded_vocab
+from model.lora import add_adapters, chat_token_ids
 from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
 from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
                           plain_tensor, plan_batches, seed_rank_streams, shard_batches, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
 from trainer.init import load_init, resumed_model_config
+from trainer.loss_weights import token_weights
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
 from trainer.rundir import METRICS, check_resume_config, rewind_run, write_config
@@ -79,7 +81,8 @@ def train(cfg):
 def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     rt = setup_runtime(cfg.train)
     d = init_distributed(cfg.train, rt)
-    plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # refuses an impossible split early
+    if not cfg.init_from:  # refuse an impossible split before touching out_dir (init_from's block_size: below)
+        plan_batches(cfg.train, cfg.model.block_size, d.world_size)
     ckpt = open_out_dir(cfg, d)
     # init_from: the source's weights, model config and tokenizer (trainer/init.py); resuming such
     # a run needs only its own checkpoint.
@@ -90,6 +93,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         cfg.model = resumed_model_config(cfg, ckpt)
     if ckpt is not None:
         check_resume_config(cfg, ckpt, log=tqdm.write)
+    plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # with init_from's block_size
 
     # Data: prepared on first use, re-prepared when the inputs or settings change.
     given_tokenizer = init.tokenizer if init else from_state(ckpt["tokenizer"]) if ckpt and cfg.init_from else None
@@ -101,11 +105,8 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     cfg.model.vocab_size = cfg.model.vocab_size or padded_vocab(meta["vocab_size"])
     if cfg.model.vocab_size < meta["vocab_size"]:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
-    train_data, val_data = TokenSplit(prepared, "train"), TokenSplit(prepared, "val")
-    for split, data in (("train", train_data), ("val", val_data)):
-        if data.num_tokens <= cfg.model.block_size:
-            raise UserError(f"the {split} split has {data.num_tokens} tokens, fewer than one context "
-                            f"window (model.block_size={cfg.model.block_size}) plus one")
+    # Text, or chat conversations packed into windows with targets masked outside assistant turns.
+    train_data, val_data = (open_split(prepared, split, cfg.model.block_size) for split in ("train", "val"))
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), device=rt.device)
     token_bytes = torch.cat([token_bytes, token_bytes.new_zeros(cfg.model.vocab_size - len(token_bytes))])
@@ -116,13 +117,14 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     if init is not None:
         load_model_state(model, {"model": init.state}, init.source)
         tqdm.write(f"init_from: weights of {init.source}")
+    add_adapters(model, cfg.lora, chat_token_ids(tokenizer))  # lora.rank > 0: the base frozen, adapters train
     model.to(rt.device)
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
     loader = build_loader(cfg.data.sampling, train_data, cfg.train.batch_size, cfg.model.block_size, cfg.train.seed,
-                          rt.device, d.rank, d.world_size, plan.grad_accum)
+                          rt.device, d.rank, d.world_size, plan.grad_accum, warn=tqdm.write)
     guard = StepGuard(cfg.train, rt.device, scaler.is_enabled())
     state = TrainingState(cfg, tokenizer, model, optimizer, scaler, loader, guard, plan.tokens_per_step)
     if ckpt is not None:
@@ -153,7 +155,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
 
     tokens_per_step = plan.tokens_per_step
     peak = peak_flops(rt.device)
-    tqdm.write(f"model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tqdm.write(f"model: {num_params / 1e6:.2f}M parameters{f' ({trained:,} trained: LoRA)' if cfg.lora.rank else ''}, "
+               f"{flops_per_token / 1e6:.1f} MFLOP/token; "
                f"device {rt.device}, {str(rt.dtype).removeprefix('torch.')}, parallel {d.parallel}; "
                f"batch {plan.describe()}; train {train_data.num_tokens:,} tokens, val {val_data.num_tokens:,}")
     metrics = MetricsLog(Path(cfg.out_dir) / METRICS) if d.is_main else NullLog()
@@ -199,18 +203,21 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         # One optimizer step over grad_accum micro-batches, skipped when its loss or gradient norm
         # is non-finite or spikes (decided on the device; grad_clip=0 still measures the norm).
         optimizer.set_lr_multiplier(lr_multiplier(it, cfg.optim, cfg.train.max_iters))
+        # The step's loss is the mean over all its trained tokens: each micro-batch's mean weighs
+        # its share of them, across ranks (trainer/loss_weights.py; x world_size: DDP averages).
+        batches = [loader.next_batch() for _ in range(plan.grad_accum)]
+        weights = token_weights([y for _, y in batches], d)
         step_loss = torch.zeros((), device=rt.device)
-        for micro_step in range(plan.grad_accum):
-            x, y = loader.next_batch()
+        for micro_step, ((x, y), weight) in enumerate(zip(batches, weights)):
             with grad_sync(wrapped, last_micro_step=micro_step == plan.grad_accum - 1):
                 with rt.autocast:
                     _, loss = step_model(x, y)
-                step_loss += loss.detach()
-                scaler.scale(loss / plan.grad_accum).backward()
+                step_loss += loss.detach() * weight
+                scaler.scale(loss * (weight * d.world_size)).backward()
         all_reduce_sum(d, step_loss)  # every rank must take the same skip decision
         optimizer.unscale_(scaler)
         grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf))
-        skip = guard.check(step_loss / (plan.grad_accum * d.world_size), grad_norm)
+        skip = guard.check(step_loss, grad_norm)
         guarded_step(optimizer, scaler, skip)
         scaler.update()
         optimizer.zero_grad()
@@ -224,7 +231,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             if good_iters < window_iters:
                 tqdm.write(f"iter {it}: skipped {window_iters - good_iters} update(s) with a non-finite "
                            f"or spiking loss or gradient norm ({skipped} in this run)")
-            loss_sum = loss_acc.item() / (plan.grad_accum * d.world_size)  # summed over the window's applied steps
+            loss_sum = loss_acc.item()  # summed over the window's applied steps
             loss_val = loss_sum / good_iters if good_iters else math.nan
             loss_acc.zero_()
             elapsed = time.perf_counter() - window_start

@@ -29,6 +29,10 @@ checkpoint resumes at the first batch the model has not seen.
 
 `eval_windows` walks a split in order, in non-overlapping windows, for a loss over the whole
 split.
+
+Chat data (`data.format: chat`) is batched by data/packing.py instead: whole conversations
+packed into rows, targets masked outside assistant turns. `open_split`, `build_loader` and
+`eval_windows` pick the kind from the prepared folder, so the training loop is the same for both.
 """
 
 from __future__ import annotations
@@ -207,8 +211,31 @@ class EpochWindows(_Windows):
 SAMPLERS = {"random": RandomWindows, "epoch": EpochWindows}
 
 
+def open_split(prepared_dir: str | Path, split: str, block_size: int):
+    """A prepared split: a TokenSplit, or a ConversationSplit for chat data; refused (one line)
+    when it cannot fill one batch row."""
+    meta = json.loads((Path(prepared_dir) / "meta.json").read_text())
+    if meta.get("format") == "chat":
+        from data.packing import ConversationSplit
+
+        data = ConversationSplit(prepared_dir, split)
+        if not data.num_conversations:
+            raise UserError(f"the {split} split holds no conversation; use more conversations or another "
+                            f"data.val_fraction")
+        return data
+    data = TokenSplit(prepared_dir, split)
+    if data.num_tokens <= block_size:
+        raise UserError(f"the {split} split has {data.num_tokens} tokens, fewer than one context "
+                        f"window (model.block_size={block_size}) plus one")
+    return data
+
+
 def build_loader(sampling: str, data: TokenSplit, batch_size: int, block_size: int, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> _Windows:
+                 device: torch.device, rank: int = 0, world_size: int = 1, grad_accum: int = 1, warn=None):
+    from data.packing import ConversationSplit, PackedConversations
+
+    if isinstance(data, ConversationSplit):
+        return PackedConversations(data, batch_size, block_size, seed, device, rank, world_size, grad_accum, warn)
     # Prefetch on CUDA only: on CPU a batch costs microseconds to read, and a second thread only
     # contends with torch's own (it cost a fifth of a small model's step on 2 cores).
     prefetch = torch.device(device).type == "cuda"
@@ -225,6 +252,11 @@ def eval_windows(data: TokenSplit, batch_size: int, block_size: int, device: tor
     """Yield (x, y) over the split: every full non-overlapping window in order (this rank's
     every world_size-th) when max_batches is 0, else max_batches batches of random windows from
     a fixed seed (the same windows each call, so successive estimates are comparable)."""
+    from data.packing import ConversationSplit, conversation_batches
+
+    if isinstance(data, ConversationSplit):
+        yield from conversation_batches(data, batch_size, block_size, device, max_batches)
+        return
     if max_batches:
         sampler = RandomWindows(data, batch_size, block_size, seed, device, rank, world_size, prefetch=False)
         for _ in range(max_batches):

@@ -1,10 +1,13 @@
 """Prepare a corpus: text -> tokenizer -> memory-mapped token shards + meta.json, streaming.
 
     python -m data.prepare --input PATH [PATH ...] --tokenizer NAME [--out DIR]
+    python -m data.prepare --input FILE.jsonl ... --format chat --tokenizer NAME | --tokenizer-from RUN_DIR
 
 Inputs are files, folders, globs and `hf:NAME` datasets (see data/sources.py); tokenizers are
 `char`, OpenAI's tiktoken encodings and `bpe`, trained here (see data/tokenizer.py). `train.py`
 prepares through the same `prepare` on first use and whenever the inputs or settings change.
+`--format chat` reads conversations instead and writes a mask shard beside each token shard
+(data/conversations.py); `--tokenizer-from` takes a checkpoint's tokenizer, as `init_from` does.
 
 Output folder (self-describing; `np.memmap` opens each shard directly, as nanoGPT's train.bin):
     train_000000.bin ...  raw little-endian token ids, uint16 when the vocabulary fits, else
@@ -63,8 +66,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data.sources import Source, Utf8Errors, read_records, read_text_pieces, resolve_sources
+from data.conversations import ChatCorpus, encode_conversations
 from data.tokenizer import (CHAR_SEPARATOR, EOT, TIKTOKEN_ENCODINGS, TOKENIZERS, CharTokenizer,
-                            TiktokenTokenizer, check_tokenizer_name)
+                            TiktokenTokenizer, check_tokenizer_name, from_state, with_chat_tokens)
 from common.errors import UserError, report_user_errors
 from common.files import atomic_write, publish, temporary_path
 
@@ -72,7 +76,8 @@ FORMAT_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard: few files, each quick to rewrite
 BATCH_CHARS = 1 << 20
-_SHARD_FILE = re.compile(r"(train|val)_\d{6}\.bin(\.tmp)?")
+_SHARD_FILE = re.compile(r"(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?")
+FORMATS = ("text", "chat")
 
 
 def resolve_path(path: str) -> Path:
@@ -94,7 +99,7 @@ def tokenizer_label(tokenizer) -> str:
     return f"{tokenizer.name}-{digest[:12]}"
 
 
-def default_prepared_dir(inputs: list[str], tokenizer: str) -> Path:
+def default_prepared_dir(inputs: list[str], tokenizer: str, format: str = "text") -> Path:
     first = inputs[0]
     if first.startswith("hf:"):
         name = re.sub(r"[^\w.-]+", "-", first[3:]).strip("-")
@@ -103,7 +108,7 @@ def default_prepared_dir(inputs: list[str], tokenizer: str) -> Path:
         name = f"{p.parent.name}-{p.stem}" if p.is_file() else p.name
     if len(inputs) > 1:  # another input list must not share (and keep re-preparing) the folder
         name += "-" + hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:8]
-    return REPO_ROOT / "data" / "prepared" / f"{name}-{tokenizer}"
+    return REPO_ROOT / "data" / "prepared" / f"{name}-{tokenizer}{'-chat' if format == 'chat' else ''}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -128,23 +133,32 @@ def prepare_data(data, log=print, tokenizer=None) -> Path:
     given, replaces `data.tokenizer` (init_from's)."""
     return prepare(data.input, tokenizer or data.tokenizer, data.prepared_dir or None, data.val_fraction, log=log,
                    text_field=data.text_field, bpe_vocab_size=data.bpe_vocab_size,
-                   bpe_sample_mb=data.bpe_sample_mb, workers=data.prep_workers)
+                   bpe_sample_mb=data.bpe_sample_mb, workers=data.prep_workers, format=data.format)
 
 
 def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = None,
             val_fraction: float = 0.1, log=print, *, text_field: str = "text", bpe_vocab_size: int = 4096,
-            bpe_sample_mb: float = 100.0, workers: int = 0, shard_tokens: int = SHARD_TOKENS) -> Path:
+            bpe_sample_mb: float = 100.0, workers: int = 0, shard_tokens: int = SHARD_TOKENS,
+            format: str = "text") -> Path:
     """Prepare `inputs` into `out_dir` unless an up-to-date preparation is already there.
-    `tokenizer` is a name (data.tokenizer) or a tokenizer object to encode with as it is."""
+    `tokenizer` is a name (data.tokenizer) or a tokenizer object to encode with as it is (with
+    the chat tokens added for `format="chat"`)."""
+    if format not in FORMATS:
+        raise UserError(f"data.format={format!r} is not one of: {', '.join(FORMATS)}")
+    chat = format == "chat"
     if isinstance(tokenizer, str):
         check_tokenizer_name(tokenizer)
+    elif chat:
+        tokenizer = with_chat_tokens(tokenizer)
     label = tokenizer_label(tokenizer)
     if not 0 < val_fraction < 1:
         raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1)")
     sources = resolve_sources(list(inputs), resolve_path, warn=log)
-    out_dir = Path(out_dir) if out_dir else default_prepared_dir(list(inputs), label)
+    out_dir = Path(out_dir) if out_dir else default_prepared_dir(list(inputs), label, format)
     settings = {"tokenizer": label, "val_fraction": val_fraction}
-    if any(s.kind != "text" for s in sources):
+    if chat:
+        settings["format"] = "chat"
+    elif any(s.kind != "text" for s in sources):
         settings["text_field"] = text_field
     if tokenizer == "bpe":
         settings.update(bpe_vocab_size=bpe_vocab_size, bpe_sample_mb=bpe_sample_mb)
@@ -163,11 +177,16 @@ def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = No
             f"(prepared data {reason})")
         if all(s.size == 0 for s in sources):
             raise UserError(f"data.input: the corpus is empty ({', '.join(inputs)})")
+        corpus = ChatCorpus(sources, val_fraction) if chat else Corpus(sources, described, val_fraction, text_field)
+        if chat:
+            corpus.check()  # a bad line stops prep before the old folder is cleared
         _clear(out_dir, old)
-        corpus = Corpus(sources, described, val_fraction, text_field)
         workers = workers or _usable_cpus()
         tok = _build_tokenizer(tokenizer, corpus, bpe_vocab_size, bpe_sample_mb, workers, out_dir, log)
-        meta = _encode(corpus, tok, out_dir, workers, shard_tokens, log)
+        if chat:
+            meta = encode_conversations(corpus, with_chat_tokens(tok), out_dir, shard_tokens, log)
+        else:
+            meta = _encode(corpus, tok, out_dir, workers, shard_tokens, log)
         meta.update(settings=settings, sources=described, fingerprint=fp)
         atomic_write(out_dir / "meta.json", json.dumps(meta, indent=1))
     return out_dir
@@ -208,8 +227,9 @@ def _is_complete(out_dir: Path, meta: dict) -> bool:
     itemsize = np.dtype(meta["dtype"]).itemsize
     for shards in meta["splits"].values():
         for shard in shards:
-            f = out_dir / shard["file"]
-            if not f.is_file() or f.stat().st_size != shard["tokens"] * itemsize:
+            files = [(shard["file"], itemsize)] + ([(shard["mask"], 1)] if "mask" in shard else [])
+            if any(not (out_dir / f).is_file() or (out_dir / f).stat().st_size != shard["tokens"] * size
+                   for f, size in files):
                 return False
     return True
 
@@ -322,13 +342,14 @@ class ShardWriter:
     """Appends one split's tokens to shards of at most `shard_tokens`, each written under a
     temporary name and renamed once complete and fsynced."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, suffix: str = ".bin"):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.suffix = suffix
         self.shards: list[dict] = []
         self._file, self._count = None, 0
 
     def _path(self) -> Path:
-        return self.out_dir / f"{self.split}_{len(self.shards):06d}.bin"
+        return self.out_dir / f"{self.split}_{len(self.shards):06d}{self.suffix}"
 
     def write(self, ids: np.ndarray):
         while len(ids):
@@ -340,6 +361,18 @@ class ShardWriter:
             ids = ids[take:]
             if self._count == self.shard_tokens:
                 self._close()
+
+    def write_whole(self, ids: np.ndarray):
+        """Append ids without cutting them across shards: a shard that cannot take them all is
+        closed first (ids longer than shard_tokens get a shard of their own)."""
+        if self._file is not None and self._count + len(ids) > self.shard_tokens:
+            self._close()
+        if self._file is None:
+            self._file, self._count = open(temporary_path(self._path()), "wb"), 0
+        ids.tofile(self._file)
+        self._count += len(ids)
+        if self._count >= self.shard_tokens:
+            self._close()
 
     def _close(self):
         self._file.flush()
@@ -457,6 +490,7 @@ def _encode(corpus: Corpus, tok, out_dir: Path, workers: int, shard_tokens: int,
         + (f", {mb / seconds:.1f} MB/s" if mb else "") + f", {total / seconds:,.0f} tokens/s")
     return {
         "format_version": FORMAT_VERSION,
+        "format": "text",
         "tokenizer": tok.state(),
         "vocab_size": tok.vocab_size,
         "eot_id": eot_id,
@@ -470,11 +504,22 @@ def _encode(corpus: Corpus, tok, out_dir: Path, workers: int, shard_tokens: int,
     }
 
 
+def checkpoint_tokenizer(path: str):
+    """The tokenizer stored in a run folder's checkpoint (or a checkpoint file)."""
+    from trainer.checkpoint import find_checkpoint, load_checkpoint
+
+    return from_state(load_checkpoint(find_checkpoint(path), mmap=True)["tokenizer"])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True,
                     help="files, folders, globs (.txt .md .jsonl .jsonl.gz .parquet) or hf:NAME[:SPLIT]")
-    ap.add_argument("--tokenizer", default="char", help=f"one of {', '.join(TOKENIZERS)}")
+    ap.add_argument("--tokenizer", default=None, help=f"one of {', '.join(TOKENIZERS)} (default char)")
+    ap.add_argument("--tokenizer-from", default=None, metavar="RUN_DIR",
+                    help="use this run folder's or checkpoint file's tokenizer (what init_from does)")
+    ap.add_argument("--format", default="text", choices=FORMATS,
+                    help="text: documents; chat: conversations, one {\"messages\": [...]} per JSONL line")
     ap.add_argument("--out", default=None, help="output folder (default data/prepared/<input>-<tokenizer>)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--text-field", default="text", help="the text field of JSONL/Parquet/HF records")
@@ -490,9 +535,12 @@ def main(argv=None):
                          ("--shard-tokens", args.shard_tokens >= 1), ("--bpe-sample-mb", args.bpe_sample_mb >= 0)):
             if not ok:
                 raise UserError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))} is out of range")
-        out = prepare(args.input, args.tokenizer, args.out, args.val_fraction, text_field=args.text_field,
+        if args.tokenizer and args.tokenizer_from:
+            raise UserError("--tokenizer and --tokenizer-from both name a tokenizer; give one")
+        tokenizer = checkpoint_tokenizer(args.tokenizer_from) if args.tokenizer_from else args.tokenizer or "char"
+        out = prepare(args.input, tokenizer, args.out, args.val_fraction, text_field=args.text_field,
                       bpe_vocab_size=args.bpe_vocab_size, bpe_sample_mb=args.bpe_sample_mb,
-                      workers=args.workers, shard_tokens=args.shard_tokens)
+                      workers=args.workers, shard_tokens=args.shard_tokens, format=args.format)
         print(f"ready: {out}")
 
 

@@ -186,7 +186,8 @@ def read_records(source: Source, text_field: str, utf8: Utf8Errors,
         raise ValueError(f"not a record source: {source}")
 
 
-def _read_jsonl(path: Path, text_field: str, utf8: Utf8Errors, progress) -> Iterator[str]:
+def read_jsonl(path: Path, utf8: Utf8Errors, progress=lambda n: None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a .jsonl or .jsonl.gz file."""
     with open(path, "rb") as raw:
         f = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
         last_pos = 0
@@ -198,20 +199,24 @@ def _read_jsonl(path: Path, text_field: str, utf8: Utf8Errors, progress) -> Iter
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(utf8.decode(line, str(path)))
+                    yield lineno, json.loads(utf8.decode(line, str(path)))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    found = f"keys: {', '.join(list(record)[:8])}" if isinstance(record, dict) else type(record).__name__
-                    raise UserError(f"{path}:{lineno}: no {text_field!r} field ({found}); "
-                                    f"set the field with --text-field / data.text_field")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise UserError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
-                yield text
         except (OSError, EOFError) as e:  # a truncated or corrupt .gz
             raise UserError(f"{path}: cannot read ({e})") from None
         progress(raw.tell() - last_pos)
+
+
+def _read_jsonl(path: Path, text_field: str, utf8: Utf8Errors, progress) -> Iterator[str]:
+    for lineno, record in read_jsonl(path, utf8, progress):
+        if not isinstance(record, dict) or text_field not in record:
+            found = f"keys: {', '.join(list(record)[:8])}" if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{path}:{lineno}: no {text_field!r} field ({found}); "
+                            f"set the field with --text-field / data.text_field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
+        yield text
 
 
 def _read_parquet(path: Path, text_field: str, progress) -> Iterator[str]:

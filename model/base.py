@@ -8,10 +8,11 @@ the optimizer, the distributed wrappers and the converters go through these meth
     logits, loss = model(idx, targets=None)
         idx (B, T) token ids -> logits (B, T, vocab) for the next token at every position; loss is
         the mean cross-entropy over targets that are not IGNORE (-1), or None without targets.
-    model.param_groups() -> {"embed" | "head" | "matrix" | "vector": [parameters]}
+    model.param_groups() -> {"embed" | "head" | "matrix" | "vector" | "adapter": [parameters]}
         how the optimizer treats each trainable parameter: token/position lookups (their own lr),
-        an untied output head (its own lr), hidden 2-D weights (Muon's, or decayed AdamW), and
-        gains, biases and other vectors (AdamW without decay).
+        an untied output head (its own lr), hidden 2-D weights (Muon's, or decayed AdamW),
+        gains, biases and other vectors (AdamW without decay), and LoRA's adapters (AdamW
+        without decay; the modules of model/lora.py say which they are).
     model.units() -> nn.ModuleList | None
         the repeated blocks: what FSDP shards one by one and activation checkpointing wraps.
     model.flops_per_token() -> int
@@ -24,6 +25,8 @@ the optimizer, the distributed wrappers and the converters go through these meth
     model.vocab_tensors
         state-dict names of the tensors indexed by token id in their first dimension (embedding,
         head), so a vocabulary can grow (`init_from` with added tokens) without knowing the family.
+    model.lora_targets() -> {"attn" | "mlp" | "head": [module names]}
+        the nn.Linear projections LoRA may adapt, by kind (model/lora.py); {} for none.
 
 Design decisions:
 - The config is the model: a family's model is a function of its config alone (and a seed), so a
@@ -93,11 +96,12 @@ class LanguageModel(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         embed = {id(p) for p in self.embedding_params()}
         head = {id(p) for p in self.head_params()} - embed
-        groups = {"embed": [], "head": [], "matrix": [], "vector": []}
+        adapter = {id(p) for m in self.modules() if hasattr(m, "adapter_parameters") for p in m.adapter_parameters()}
+        groups = {"embed": [], "head": [], "matrix": [], "vector": [], "adapter": []}
         for p in self.parameters():  # tied parameters appear once
             if not p.requires_grad:
                 continue
-            role = ("embed" if id(p) in embed else "head" if id(p) in head
+            role = ("adapter" if id(p) in adapter else "embed" if id(p) in embed else "head" if id(p) in head
                     else "matrix" if p.dim() >= 2 else "vector")
             groups[role].append(p)
         return groups
@@ -106,6 +110,9 @@ class LanguageModel(nn.Module):
 
     def units(self) -> nn.ModuleList | None:
         return None
+
+    def lora_targets(self) -> dict[str, list[str]]:
+        return {}
 
     def num_params(self) -> int:
         """Parameters, tied ones counted once."""

@@ -112,7 +112,9 @@ class GPT(LanguageModel):
         if targets is not None and torch.is_grad_enabled() and torch.compiler.is_compiling():
             # Compiled training: the head's matmul fused with the loss, the logits never kept
             # (model/loss.py). Only a compiler fuses it: in eager its temporaries cost more.
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.logit_softcap)
+            head = self.lm_head  # a LoRA-adapted head (model/lora.py) folds its adapters into the weight
+            weight = head.adapted_weight() if hasattr(head, "adapted_weight") else head.weight
+            return None, linear_cross_entropy(x, weight, targets, self.cfg.logit_softcap)
         logits = self.lm_head(x)
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
@@ -132,6 +134,12 @@ class GPT(LanguageModel):
 
     def units(self):
         return self.blocks
+
+    def lora_targets(self):
+        layers = range(self.cfg.n_layer)
+        return {"attn": [f"blocks.{i}.attn.{n}" for i in layers for n in ("c_attn", "c_proj")],
+                "mlp": [f"blocks.{i}.mlp.{n}" for i in layers for n in ("c_fc", "c_proj")],
+                "head": ["lm_head"]}
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token at full context: 6 per matmul weight plus attention's

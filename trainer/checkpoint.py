@@ -165,6 +165,7 @@ def load_model(ckpt_path: str | Path, device: torch.device | str = "cpu"):
     best.pt, else latest.pt) or a checkpoint file. Only the weights are read."""
     from data.tokenizer import from_state
     from model import build_model
+    from model.lora import add_adapters, chat_token_ids
     from trainer.config import Config
 
     path = find_checkpoint(ckpt_path)
@@ -175,5 +176,6 @@ def load_model(ckpt_path: str | Path, device: torch.device | str = "cpu"):
         raise UserError(f"{path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
                         f"(model.vocab_size={cfg.model.vocab_size}); the checkpoint mixes two runs")
     model = build_model(cfg.model)
+    add_adapters(model, cfg.lora, chat_token_ids(tokenizer))  # a LoRA run's checkpoint holds its adapters
     load_model_state(model, ckpt, path)
     return model.to(device).eval(), tokenizer, cfg, path

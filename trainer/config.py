@@ -44,7 +44,8 @@ class DataConfig:
     bpe_vocab_size: int = 4096  # tokenizer=bpe: vocabulary size, the end-of-text token included
     bpe_sample_mb: float = 100.0  # tokenizer=bpe: MB of training text it learns from; 0 = all
     prep_workers: int = 0  # encoding threads during prep; 0 = all cores
-    sampling: str = "random"  # random (windows at random positions) | epoch (each window once per epoch)
+    sampling: str = "random"  # random (windows at random positions) | epoch (each window once per epoch); text only
+    format: str = "text"  # text (documents) | chat (conversations in JSONL, trained on assistant turns; data/conversations.py)
 
     def validate(self):
         from data.tokenizer import TOKENIZERS
@@ -54,6 +55,7 @@ class DataConfig:
         in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
         choice(self, "data", "tokenizer", TOKENIZERS)
         choice(self, "data", "sampling", ("random", "epoch"))
+        choice(self, "data", "format", ("text", "chat"))
         at_least(self, "data", 257, "bpe_vocab_size")  # 256 bytes + the end-of-text token
         at_least(self, "data", 0, "bpe_sample_mb", "prep_workers")
 
@@ -135,11 +137,29 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # rank of the low-rank adapters; 0 = full fine-tuning (no adapters)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # attn | mlp | head: the projections adapted
+
+    def validate(self):
+        at_least(self, "lora", 0, "rank")
+        in_range(self, "lora", "dropout", 0.0, 1.0, high_open=True)
+        positive(self, "lora", "alpha")
+        if self.rank and not self.targets:
+            raise UserError("lora.targets is empty; name the projections to adapt (attn, mlp, head)")
+        if len(set(self.targets)) != len(self.targets):
+            raise UserError(f"lora.targets={self.targets} names a projection twice")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=GPTConfig)  # the family's own dataclass, by model.arch
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     out_dir: str = "out"  # run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False  # start afresh even if out_dir already holds a run
@@ -148,7 +168,7 @@ class Config:
     given = frozenset()  # not a field: the dotted keys the YAML file or command line set (load_config)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.data, self.optim, self.train):
+        for section in (self.model, self.data, self.optim, self.train, self.lora):
             section.validate()
         if not self.out_dir:
             raise UserError("out_dir is empty")

@@ -15,7 +15,8 @@ Design decisions:
   with more tokens than the source's model has rows (special tokens added for chat), appends
   rows to every tensor indexed by token id (the family's `vocab_tensors`), each new row the
   mean of the existing rows, which keeps the new tokens' logits ordinary instead of random.
-- The data is prepared with the source's tokenizer, whatever `data.tokenizer` says.
+- The data is prepared with the source's tokenizer, whatever `data.tokenizer` says; for chat
+  data (`data.format: chat`) with the chat tokens added when the source lacks them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from data.tokenizer import from_state
+from data.tokenizer import from_state, with_chat_tokens
 from model import build_model, config_class, padded_vocab
 from trainer.checkpoint import find_checkpoint, load_checkpoint
 
@@ -72,6 +73,8 @@ def load_init(cfg) -> InitWeights:
     merged, explicit = explicit_model_keys(cfg, saved, cfg.init_from)
     model_cls = config_class(merged.get("arch", "gpt"))
     tokenizer = from_state(ckpt["tokenizer"])
+    if cfg.data.format == "chat":  # a base without the chat tokens gains them, and rows for them below
+        tokenizer = with_chat_tokens(tokenizer)
     old_vocab = saved["vocab_size"]
     asked = explicit.get("vocab_size", 0)
     if asked and asked < old_vocab:

@@ -9,6 +9,9 @@ throughout training):
   in GPT-2/nanoGPT).
 - embed: token/position lookups (and a tied head): AdamW at `embed_lr`, decayed.
 - head: an untied output head: AdamW at `head_lr`, decayed.
+- adapter: LoRA's adapters (model/lora.py): AdamW at `lr`, not decayed (decay would pull a
+  fine-tuned model back toward its base, which is what a smaller lr or rank is for), never Muon.
+Frozen parameters (LoRA's base weights) are in no group.
 
 `Optimizers` presents one or two torch optimizers as one to the training loop: the schedule's
 multiplier, unscaling and zeroing (the step is `trainer/guard.py`'s, the state the distributed
@@ -66,6 +69,7 @@ def build_optimizers(model, cfg, device_type: str) -> Optimizers:
         group(roles["vector"], cfg.lr, 0.0),
         group(roles["embed"], cfg.embed_lr or cfg.lr, cfg.weight_decay),
         group(roles["head"], cfg.head_lr or cfg.lr, cfg.weight_decay),
+        group(roles["adapter"], cfg.lr, 0.0),
     ) if g["params"]]
     optimizers = [torch.optim.AdamW(adamw_groups, **_adamw_kwargs(cfg, device_type))] if adamw_groups else []
     if muon and roles["matrix"]:

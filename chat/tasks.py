@@ -1,0 +1,195 @@
+"""Synthetic chat tasks: conversations to fine-tune on and to evaluate, generated offline.
+
+    python -m chat.tasks list
+    python -m chat.tasks NAME --n N --seed S [--split train|test] [--digits D] [--max-turns T] --out FILE.jsonl
+
+Each line is `{"messages": [...], "task": NAME}` (data/conversations.py's format); `evaluate.py`
+generates each conversation's last assistant turn and compares `answer(task, reply)` with the
+same extraction of the reference reply, so a task states once how its answer is read.
+
+Tasks:
+- `addition`: "What is 123 + 456?" -> "123 + 456 = 579". The reply restates the problem and
+  writes the sum in the natural order, most significant digit first; the answer is the last
+  integer in the reply. `--digits D` (default 3) sets both operands' digits.
+- `spell`: "Spell the word castle." -> "c-a-s-t-l-e", words from the bundled Tiny Shakespeare;
+  the answer is the whole reply.
+- `identity`: "Who are you?" and a few other questions about the assistant, each with its fixed
+  answer; the answer is the whole reply.
+
+Design decisions:
+- Train and test are disjoint by construction, not by luck: a problem belongs to one split by
+  a hash of its content (the unordered operand pair, the word), and identity's test split asks
+  with phrasings the train split never uses. A model's test accuracy is then about problems it
+  has not seen.
+- A test file holds distinct conversations (asking for more than the split has is an error); a
+  train file is drawn with replacement, as a training stream is.
+- With `--max-turns T` a conversation asks up to T questions of the task in a row (uniformly 1
+  to T), so the model also learns to answer the last question of a longer conversation, which
+  is what the chat REPL asks of it. One in five conversations opens with a system message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from common.errors import UserError, report_user_errors
+from common.files import atomic_write
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_FRACTION = 0.1
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "You are a small model; do your best.")
+
+
+def in_test(key: str) -> bool:
+    """Whether a problem belongs to the test split: a function of its content alone."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < TEST_FRACTION * 2**64
+
+
+# ---------------------------------------------------------------------------------------------
+# The tasks: each draws one (question, reply) of a split
+
+
+def addition(rng: random.Random, split: str, digits: int) -> tuple[str, str]:
+    low, high = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    while True:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        if in_test(f"{min(a, b)}+{max(a, b)}") == (split == "test"):
+            break
+    question = rng.choice(("What is {a} + {b}?", "{a} + {b} = ?", "Add {a} and {b}.", "Compute {a}+{b}.",
+                           "What's the sum of {a} and {b}?")).format(a=a, b=b)
+    return question, f"{a} + {b} = {a + b}"
+
+
+_WORDS: dict[str, list[str]] = {}
+
+
+def _words(split: str) -> list[str]:
+    if not _WORDS:
+        text = (REPO / "data/tinyshakespeare/input.txt").read_text(encoding="utf-8").lower()
+        words = sorted({w for w in re.findall(r"[a-z]+", text) if 3 <= len(w) <= 10})
+        for s in ("train", "test"):
+            _WORDS[s] = [w for w in words if in_test(w) == (s == "test")]
+    return _WORDS[split]
+
+
+def spell(rng: random.Random, split: str, digits: int) -> tuple[str, str]:
+    word = rng.choice(_words(split))
+    question = rng.choice(("Spell the word {w}.", "How do you spell {w}?", "Spell {w} letter by letter.",
+                           "Can you spell '{w}'?")).format(w=word)
+    return question, "-".join(word)
+
+
+IDENTITY = {  # answer: phrasings; the last two of each are the test split's
+    "I am a small assistant, a language model trained from scratch with gpt-trainer.": (
+        "Who are you?", "What are you?", "Tell me about yourself.", "who are you", "Introduce yourself.",
+        "What kind of thing are you?", "Who am I talking to?", "Could you tell me who you are?"),
+    "My name is Tiny. I am a small language model.": (
+        "What is your name?", "What's your name?", "Do you have a name?", "your name?", "How should I call you?",
+        "Tell me your name.", "What do people call you?", "By what name do you go?"),
+    "I was made with gpt-trainer, pretrained on Shakespeare and fine-tuned on a few tasks on a CPU.": (
+        "Who made you?", "Who created you?", "How were you made?", "Who built you?", "Where do you come from?",
+        "How were you trained?", "Who is your creator?", "What were you trained on?"),
+    "I can add numbers, spell words and tell you about myself.": (
+        "What can you do?", "How can you help me?", "What are you good at?", "what can you do", "What tasks can you do?",
+        "What are your skills?", "What do you know how to do?", "In what ways can you help?"),
+}
+
+
+def identity(rng: random.Random, split: str, digits: int) -> tuple[str, str]:
+    answer = rng.choice(list(IDENTITY))
+    phrasings = IDENTITY[answer]
+    return rng.choice(phrasings[-2:] if split == "test" else phrasings[:-2]), answer
+
+
+def whole_reply(reply: str) -> str:
+    return reply.strip()
+
+
+def last_integer(reply: str) -> str:
+    numbers = re.findall(r"-?\d+", reply)
+    return numbers[-1] if numbers else ""
+
+
+@dataclass(frozen=True)
+class Task:
+    draw: Callable[[random.Random, str, int], tuple[str, str]]
+    extract: Callable[[str], str]  # the answer in a reply, compared by evaluate.py
+    about: str
+
+
+TASKS = {
+    "addition": Task(addition, last_integer, "add two D-digit numbers (--digits, default 3)"),
+    "spell": Task(spell, whole_reply, "spell a word letter by letter"),
+    "identity": Task(identity, whole_reply, "questions about the assistant, with fixed answers"),
+}
+
+
+def answer(task: str | None, reply: str) -> str:
+    """The answer in a reply, as the task reads it (the whole reply for an unknown task)."""
+    return TASKS[task].extract(reply) if task in TASKS else whole_reply(reply)
+
+
+def conversation(name: str, rng: random.Random, split: str, digits: int = 3, max_turns: int = 1) -> dict:
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.2 else []
+    for _ in range(rng.randint(1, max_turns)):
+        question, reply = TASKS[name].draw(rng, split, digits)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    return {"messages": messages, "task": name}
+
+
+def generate(name: str, n: int, seed: int, split: str = "train", digits: int = 3, max_turns: int = 1) -> list[dict]:
+    """n conversations of a task's split; a test split's are distinct."""
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    rng = random.Random(f"{name}-{split}-{seed}")
+    if split == "train":
+        return [conversation(name, rng, split, digits, max_turns) for _ in range(n)]
+    found: dict[str, dict] = {}
+    for _ in range(50 * n + 1000):
+        if len(found) == n:
+            break
+        c = conversation(name, rng, split, digits, max_turns)
+        found.setdefault(json.dumps(c, sort_keys=True), c)
+    if len(found) < n:
+        raise UserError(f"--n {n}: the {name} test split has only about {len(found)} distinct conversations"
+                        f"{' with these options' if name == 'addition' else ''}; ask for fewer")
+    return list(found.values())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate synthetic chat conversations (JSONL) for fine-tuning and "
+                                             "evaluation, or `list` the tasks.")
+    ap.add_argument("task", help=f"one of: {', '.join(TASKS)}; or list")
+    ap.add_argument("--n", type=int, default=1000, help="conversations to write")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="train", choices=("train", "test"))
+    ap.add_argument("--digits", type=int, default=3, help="addition: digits of each operand")
+    ap.add_argument("--max-turns", type=int, default=1, help="questions per conversation: 1 to this many")
+    ap.add_argument("--out", help="the JSONL file to write")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    with report_user_errors(args.debug):
+        if args.task == "list":
+            for name, task in TASKS.items():
+                print(f"{name:10s} {task.about}")
+            return
+        for flag, ok in (("--n", args.n >= 1), ("--digits", 1 <= args.digits <= 18), ("--max-turns", args.max_turns >= 1)):
+            if not ok:
+                raise UserError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))} is out of range")
+        if not args.out:
+            raise UserError("--out FILE.jsonl is required")
+        rows = generate(args.task, args.n, args.seed, args.split, args.digits, args.max_turns)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"wrote {len(rows)} {args.split} conversations of {args.task} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
