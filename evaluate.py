@@ -93,7 +93,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Score a chat model's greedy answers on held-out conversations.")
     ap.add_argument("--ckpt", required=True, help="run folder (best.pt, else latest.pt) or checkpoint file")
     ap.add_argument("--data", required=True, help="chat JSONL: each conversation's last assistant turn is the reference")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per reply")
+    ap.add_argument("--max-new-tokens", type=int, default=100, help="most tokens per reply")
     ap.add_argument("--batch-size", type=int, default=64, help="conversations generated together")
     ap.add_argument("--out", default=None, help="write one JSON line of results per conversation here")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

@@ -40,8 +40,9 @@ def fit(template: ChatTemplate, system: list[dict], history: list[dict], window:
 
 
 def reply(model, template: ChatTemplate, ids: list[int], max_new_tokens: int, sampling: Sampling, generator,
-          device, out=sys.stdout) -> str:
-    """Generate the assistant's reply to the prompt `ids`, streaming it to `out`; returns its text."""
+          device) -> str:
+    """Generate the assistant's reply to the prompt `ids`, streaming it to stdout; returns its text."""
+    out = sys.stdout
     stream = TextStream(template.tokenizer)
     finished = torch.zeros(1, dtype=torch.bool, device=device)
     specials = set(template.special_ids.values())

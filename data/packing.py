@@ -88,7 +88,7 @@ class ConversationSplit:
 
 def batch_tensors(tokens: np.ndarray, mask: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) from packed rows: y is IGNORE where the mask is 0 (context and padding)."""
-    targets = np.where(mask[:, 1:], tokens[:, 1:], IGNORE)
+    targets, device = np.where(mask[:, 1:], tokens[:, 1:], IGNORE), torch.device(device)
     return to_device(np.ascontiguousarray(tokens[:, :-1]), device), to_device(targets, device)
 
 
@@ -199,7 +199,7 @@ def conversation_batches(data: ConversationSplit, batch_size: int, block_size: i
         packer = Packer(usable, data.length, block_size + 1, seed=0)
         batches = ([packer.next_row() for _ in range(batch_size)] for _ in range(max_batches))
     else:
-        rows = pack_rows(usable, data.length, block_size + 1)
-        batches = (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+        every = pack_rows(usable, data.length, block_size + 1)
+        batches = (every[i:i + batch_size] for i in range(0, len(every), batch_size))
     for rows in batches:
         yield batch_tensors(*data.pack(rows, block_size + 1), device)

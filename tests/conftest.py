@@ -16,11 +16,11 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "train.eval_interval=10", "train.eval_batches=2"]
 
 
-def run_py(*args, cwd=REPO, timeout=300, env=None):
-    """Run a repo script in a fresh interpreter; returns the CompletedProcess."""
+def run_py(*args, cwd=REPO, timeout=300, env=None, input=None):
+    """Run a repo script in a fresh interpreter (stdin: `input`); returns the CompletedProcess."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=full_env, input=input)
 
 
 @pytest.fixture(scope="session")
