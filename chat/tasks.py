@@ -56,10 +56,13 @@ def in_test(key: str) -> bool:
 # The tasks: each draws one (question, reply) of a split
 
 
-def addition(rng: random.Random, split: str, digits: int) -> tuple[str, str]:
-    low, high = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
-    while True:
-        a, b = rng.randint(low, high), rng.randint(low, high)
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
+
+
+def addition(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
+    while True:  # each operand's number of digits drawn from `digits`, then its value
+        a, b = _number(rng, rng.choice(digits)), _number(rng, rng.choice(digits))
         if in_test(f"{min(a, b)}+{max(a, b)}") == (split == "test"):
             break
     question = rng.choice(("What is {a} + {b}?", "{a} + {b} = ?", "Add {a} and {b}.", "Compute {a}+{b}.",
@@ -79,7 +82,7 @@ def _words(split: str) -> list[str]:
     return _WORDS[split]
 
 
-def spell(rng: random.Random, split: str, digits: int) -> tuple[str, str]:
+def spell(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
     word = rng.choice(_words(split))
     question = rng.choice(("Spell the word {w}.", "How do you spell {w}?", "Spell {w} letter by letter.",
                            "Can you spell '{w}'?")).format(w=word)
@@ -102,7 +105,7 @@ IDENTITY = {  # answer: phrasings; the last two of each are the test split's
 }
 
 
-def identity(rng: random.Random, split: str, digits: int) -> tuple[str, str]:
+def identity(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
     answer = rng.choice(list(IDENTITY))
     phrasings = IDENTITY[answer]
     return rng.choice(phrasings[-2:] if split == "test" else phrasings[:-2]), answer
@@ -119,13 +122,13 @@ def last_integer(reply: str) -> str:
 
 @dataclass(frozen=True)
 class Task:
-    draw: Callable[[random.Random, str, int], tuple[str, str]]
+    draw: Callable[[random.Random, str, range], tuple[str, str]]
     extract: Callable[[str], str]  # the answer in a reply, compared by evaluate.py
     about: str
 
 
 TASKS = {
-    "addition": Task(addition, last_integer, "add two D-digit numbers (--digits, default 3)"),
+    "addition": Task(addition, last_integer, "add two D-digit numbers (--digits, default 3; --min-digits for fewer)"),
     "spell": Task(spell, whole_reply, "spell a word letter by letter"),
     "identity": Task(identity, whole_reply, "questions about the assistant, with fixed answers"),
 }
@@ -136,7 +139,7 @@ def answer(task: str | None, reply: str) -> str:
     return TASKS[task].extract(reply) if task in TASKS else whole_reply(reply)
 
 
-def conversation(name: str, rng: random.Random, split: str, digits: int = 3, max_turns: int = 1) -> dict:
+def conversation(name: str, rng: random.Random, split: str, digits: range = range(3, 4), max_turns: int = 1) -> dict:
     messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.2 else []
     for _ in range(rng.randint(1, max_turns)):
         question, reply = TASKS[name].draw(rng, split, digits)
@@ -144,11 +147,14 @@ def conversation(name: str, rng: random.Random, split: str, digits: int = 3, max
     return {"messages": messages, "task": name}
 
 
-def generate(name: str, n: int, seed: int, split: str = "train", digits: int = 3, max_turns: int = 1) -> list[dict]:
-    """n conversations of a task's split; a test split's are distinct."""
+def generate(name: str, n: int, seed: int, split: str = "train", digits: int = 3, max_turns: int = 1,
+             min_digits: int = 0) -> list[dict]:
+    """n conversations of a task's split; a test split's are distinct. Addition's operands have
+    `digits` digits each, or from `min_digits` to `digits` when it is given."""
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     rng = random.Random(f"{name}-{split}-{seed}")
+    digits = range(min_digits or digits, digits + 1)
     if split == "train":
         return [conversation(name, rng, split, digits, max_turns) for _ in range(n)]
     found: dict[str, dict] = {}
@@ -171,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="train", choices=("train", "test"))
     ap.add_argument("--digits", type=int, default=3, help="addition: digits of each operand")
+    ap.add_argument("--min-digits", type=int, default=0,
+                    help="addition: each operand's digits drawn from this many to --digits (default: --digits)")
     ap.add_argument("--max-turns", type=int, default=1, help="questions per conversation: 1 to this many")
     ap.add_argument("--out", help="the JSONL file to write")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -180,12 +188,13 @@ def main(argv=None):
             for name, task in TASKS.items():
                 print(f"{name:10s} {task.about}")
             return
-        for flag, ok in (("--n", args.n >= 1), ("--digits", 1 <= args.digits <= 18), ("--max-turns", args.max_turns >= 1)):
+        for flag, ok in (("--n", args.n >= 1), ("--digits", 1 <= args.digits <= 18), ("--max-turns", args.max_turns >= 1),
+                         ("--min-digits", 0 <= args.min_digits <= args.digits)):
             if not ok:
                 raise UserError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))} is out of range")
         if not args.out:
             raise UserError("--out FILE.jsonl is required")
-        rows = generate(args.task, args.n, args.seed, args.split, args.digits, args.max_turns)
+        rows = generate(args.task, args.n, args.seed, args.split, args.digits, args.max_turns, args.min_digits)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} {args.split} conversations of {args.task} to {args.out}")
