@@ -131,6 +131,8 @@ def main(argv=None):
             raise UserError(f"--compile is for CUDA devices; this run is on {device}")
         if args.system is not None and not args.chat:
             raise UserError("--system is for --chat")
+        if args.chat and (args.interactive or args.num_samples > 1):
+            raise UserError("--chat is a REPL of its own; --interactive and --num-samples do not apply to it")
         model, tokenizer, cfg, _ = load_model(args.ckpt, device)
         if args.compile:
             # Dynamic shapes: the prefill length and the cache length change from call to call.

@@ -2,6 +2,7 @@
 held-out conversations per task.
 
     python -m bench.chat_demo [--base out/base] [--steps 2000] [--lora-steps 2000] [--out out/chat-demo]
+                              [--full-run RUN_DIR] [--lora-run RUN_DIR]
 
 1. Tasks: `python -m chat.tasks` writes the training mix (addition, spell, identity) to
    data/chat/train/ and held-out test sets to data/chat/test/ (deterministic: seed 0).
@@ -12,7 +13,8 @@ held-out conversations per task.
    the chat tokens added with the mean row), so its figure is the fine-tuning's starting point.
 4. Fine-tuning runs `train.py configs/sft.yaml init_from=BASE` for a fixed number of steps (a
    step budget, so the result does not depend on how busy the machine is); each run's wall time
-   and the load average around it are printed, since the machine may be shared.
+   and the load average around it are printed, since the machine may be shared. `--full-run`
+   and `--lora-run` score finished runs instead of training them.
 
 Prints a markdown table (accuracy per task and model) and the commands, for bench/RESULTS.md.
 """
@@ -100,6 +102,8 @@ def main():
     ap.add_argument("--lora-steps", type=int, default=2000, help="LoRA fine-tuning steps")
     ap.add_argument("--lora", default="lora.rank=16 optim.lr=3e-3", help="the LoRA run's overrides")
     ap.add_argument("--out", default="out/chat-demo", help="folder for the runs")
+    ap.add_argument("--full-run", help="score this finished full fine-tuning run instead of training one")
+    ap.add_argument("--lora-run", help="score this finished LoRA run instead of training one")
     args = ap.parse_args()
     out = Path(args.out)
     log = print
@@ -112,12 +116,14 @@ def main():
                     f"out_dir={base}", "overwrite=true"], log)
         log(f"base: pretrained in {wall:.0f} s")
     rows = {"base": base_scores(base)}
+    given = {"full": args.full_run, "lora": args.lora_run}
     for name, steps, extra in (("full", args.steps, []), ("lora", args.lora_steps, args.lora.split())):
-        before = load()
-        wall = run(["train.py", "configs/sft.yaml", f"init_from={base}", f"out_dir={out / name}", "overwrite=true",
-                    f"train.max_iters={steps}", *extra], log)
-        log(f"{name}: {steps} steps in {wall:.0f} s (load average {before} before, {load()} after)")
-        rows[name] = run_scores(out / name)
+        if not given[name]:
+            before = load()
+            wall = run(["train.py", "configs/sft.yaml", f"init_from={base}", f"out_dir={out / name}",
+                        "overwrite=true", f"train.max_iters={steps}", *extra], log)
+            log(f"{name}: {steps} steps in {wall:.0f} s (load average {before} before, {load()} after)")
+        rows[name] = run_scores(Path(given[name] or out / name))
     log("| model | " + " | ".join(f"{t} (held-out, n={n})" for t, n in TEST.items()) + " |")
     log("| --- |" + " --- |" * len(TEST))
     for name, accuracy in rows.items():

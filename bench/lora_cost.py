@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,6 +39,8 @@ def one(args) -> dict:
     from trainer.optim import build_optimizers
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer, n_head=args.n_embd // 64,
                     n_embd=args.n_embd, bias=False, tie_weights=False)
@@ -82,6 +85,9 @@ def main():
     ap.add_argument("--targets", default="attn,mlp")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default); 1 on a busy machine, where every small op of a "
+                         "multi-threaded step can wait a scheduler slice for a descheduled thread")
     ap.add_argument("--variant", choices=("full", "lora"), help=argparse.SUPPRESS)  # one measurement, in-process
     args = ap.parse_args()
     if args.variant:
@@ -95,7 +101,8 @@ def main():
     mb = 1 / 2**20
     print(f"machine: {machine()}")
     print(f"model: {args.n_layer} layers x {args.n_embd} wide, vocab {args.vocab}, batch {args.batch} x {args.block}; "
-          f"LoRA rank {args.rank} on {args.targets}; AdamW; median of {args.steps - 1} steps after the first")
+          f"LoRA rank {args.rank} on {args.targets}; AdamW; median of {args.steps - 1} steps after the first; "
+          f"threads {args.threads or 'default'}; load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| variant | parameters | trained | gradients | optimizer state | peak memory | s/step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

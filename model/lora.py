@@ -26,8 +26,8 @@ Design decisions:
   plus the base's path in its config (`init_from`), not only the adapters: a checkpoint is
   self-sufficient in this project (sampling, evaluation, serving and merging need nothing but
   it, and a base moved, retrained or deleted cannot silently change a fine-tuned model). It
-  costs one copy of the weights on disk; no optimizer state is kept for the frozen ones, so it
-  is still about a third of a full fine-tuning checkpoint with AdamW.
+  costs one copy of the weights on disk, where a full fine-tuning checkpoint also holds their
+  optimizer state (two more copies with AdamW).
 - `merge_adapters` folds everything into plain weights (W + scale B A, plus the token rows), so
   a merged model is an ordinary one of its family: same logits, no adapter cost at inference.
 - A head adapter on a head tied to the embedding is refused: merging it would change the
@@ -57,7 +57,8 @@ class LoRALinear(nn.Linear):
             self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
             nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # nn.Linear's own initialisation
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
-            self.lora_dropout = nn.Dropout(dropout)
+            # No dropout module at 0: one at p=0 still draws a mask per call (time and memory).
+            self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.token_rows = token_rows
         self.register_buffer("token_ids", token_ids, persistent=False)
 
@@ -67,7 +68,11 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.rank:
-            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+            # y + scale * (x A^T) B^T, the second matmul accumulating into y (one BLAS call, no
+            # temporary as large as y: on a CPU these thin matmuls cost what they move, not
+            # what they compute).
+            h = F.linear(self.lora_dropout(x), self.lora_A)
+            y = torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.t(), alpha=self.scale).view(y.shape)
         if self.token_rows is not None:
             y = y.index_add(-1, self.token_ids, F.linear(x, self.token_rows).to(y.dtype))
         return y
