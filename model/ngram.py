@@ -1,0 +1,297 @@
+"""An n-gram language model: the next token from the last n-1, by counting (`model.arch: ngram`).
+
+The model of Shannon's "domino" experiments, made a proper distribution by smoothing. It is not
+trained by gradients: `count` adds a stretch of the train stream's k-grams (k = 1..n) to its
+tables, and the trainer (trainer/count.py) streams the train split through it once.
+
+    P_k(w | h) = max(c_k(h w) - D_k, 0) / c_k(h .) + D_k * N_k(h .) / c_k(h .) * P_{k-1}(w | h')
+
+Interpolated Kneser-Ney (Chen & Goodman 1998, one discount per order): h is the last k-1 tokens,
+h' the last k-2; P_0 is uniform over the vocabulary; c_k(h .) sums c_k(h w) over w and N_k(h .)
+counts the w with c_k(h w) > 0. The top order n counts occurrences; a lower order counts
+continuations, the distinct tokens seen before the k-gram (N1+(. h w), Kneser and Ney's point:
+"Francisco" is frequent but follows almost only "San", so as a backoff it should be rare).
+D_k = n1 / (n1 + 2 n2) from the order's count-of-counts (n1 k-grams counted once, n2 twice); with
+no k-gram counted once it falls back to 0.5, as KenLM's `--discount_fallback` does. A context
+never seen (c_k(h .) = 0) passes P_{k-1} on unchanged. Each P_k sums to 1 because D_k <= 1.
+`smoothing: add_k` is the textbook alternative: P(w | h) = (c_n(h w) + k) / (c_n(h .) + k V).
+
+Design decisions:
+- A position with only j < n-1 earlier tokens in its window (the start of a window or of a
+  prompt) is predicted as the order-(j+1) model would: order j+1 counts occurrences there, the
+  orders below it continuations. So every position of every window has a well-defined
+  distribution, and generation equals a full recompute of the window.
+- Tables: for each order k, the distinct k-grams as sorted int64 keys `id(first k-1 tokens) *
+  V + last token`, where id() is a (k-1)-gram's index in the order below's sorted table, and
+  their occurrence counts. Keys never overflow, whatever the vocabulary and order (an id is below
+  the number of distinct (k-1)-grams), and since ids are ranks the tables are canonical: a
+  function of the counted text alone, however it was cut into chunks. Memory grows with the
+  number of distinct k-grams, not with the corpus.
+- The checkpoint holds the occurrence counts of every order (the buffers `keys_k`, `counts_k`:
+  `state_dict()` is the checkpoint's `model`); continuation counts, per-context sums and
+  discounts are derived from them on first use after counting, loading or moving the model.
+- forward returns log-probabilities as the logits, so every tool that applies a softmax or a
+  cross-entropy to logits (evaluation, sampling) gets the model's own distribution back.
+  They are computed per position as dense (positions, V) vectors in float64, each order adding
+  the discounted counts of the context's followers (a ragged gather) to the scaled lower order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.checks import choice, in_range, positive
+from common.errors import UserError
+from model.base import IGNORE, LanguageModel, ModelConfig
+
+MAX_ORDER = 8
+FALLBACK_DISCOUNT = 0.5
+
+
+@dataclass
+class NgramConfig(ModelConfig):
+    ngram_order: int = 5  # n: the next token is predicted from the last n-1 tokens (1-8)
+    smoothing: str = "kneser_ney"  # kneser_ney (interpolated, a discount per order) | add_k
+    add_k: float = 1.0  # smoothing=add_k: the count added to every token of the vocabulary (1 = Laplace)
+
+    def validate(self):
+        super().validate()
+        in_range(self, "model", "ngram_order", 1, MAX_ORDER)
+        choice(self, "model", "smoothing", ("kneser_ney", "add_k"))
+        positive(self, "model", "add_k")
+        if self.block_size < self.ngram_order - 1:
+            raise UserError(f"model.block_size={self.block_size} is shorter than the context of model.ngram_order="
+                            f"{self.ngram_order} ({self.ngram_order - 1} tokens)")
+
+
+def discount(counts: np.ndarray) -> float:
+    """Kneser-Ney's D = n1 / (n1 + 2 n2) from a table's count-of-counts."""
+    n1, n2 = int(np.count_nonzero(counts == 1)), int(np.count_nonzero(counts == 2))
+    return n1 / (n1 + 2 * n2) if n1 else FALLBACK_DISCOUNT
+
+
+def segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of values[starts[i]:starts[i+1]] for every i."""
+    cumulative = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    return cumulative[starts[1:]] - cumulative[starts[:-1]]
+
+
+@dataclass
+class Order:
+    """What scoring needs of one order k, derived from the counts (tensors on the model's device).
+    Every order is one step of the same recursion, at a position whose context h was counted:
+
+        P_k(w | h) = (weight[h] * P_{k-1}(w | h') + numerator[h w]) / denominator[h]
+
+    Kneser-Ney: numerator = max(c(h w) - D, 0), weight = D * N(h .), denominator = c(h .);
+    add-k: numerator = c(h w), weight = k V, denominator = c(h .) + k V (from uniform P_{k-1}).
+    Each table comes in two forms, stacked: [0] from occurrence counts (the position's highest
+    order) and [1] from continuation counts (the orders below it); index form * size + index.
+    Contexts are indexed by their id in order k-1's table (order 1 has one, the empty context)."""
+
+    keys: torch.Tensor  # (T,) sorted k-gram keys: context id * V + last token
+    token: torch.Tensor  # (T,) each k-gram's last token
+    starts: torch.Tensor  # (C + 1,) context h's k-grams are keys[starts[h]:starts[h + 1]]
+    numerators: torch.Tensor  # (2 T,) per k-gram and form
+    weights: torch.Tensor  # (2 C,) per context and form: the lower order's share, times denominator
+    denominators: torch.Tensor  # (2 C,) per context and form; 0 = never followed: the lower order stands
+
+
+class Ngram(LanguageModel):
+    trainable = False  # counted, not trained: trainer/count.py fits it
+
+    def __init__(self, cfg: NgramConfig):
+        super().__init__(cfg)
+        self.n, self.V = cfg.ngram_order, cfg.vocab_size
+        for k in range(1, self.n + 1):
+            self.register_buffer(f"keys_{k}", torch.zeros(0, dtype=torch.long))
+            self.register_buffer(f"counts_{k}", torch.zeros(0, dtype=torch.long))
+        self._orders: list[Order] | None = None  # derived from the counts on first use
+
+    # Counting -----------------------------------------------------------------------------------
+
+    def table(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Order k's (sorted keys, occurrence counts)."""
+        return getattr(self, f"keys_{k}"), getattr(self, f"counts_{k}")
+
+    @property
+    def span(self) -> int:
+        """The longest k-gram counted (trainer/count.py overlaps its chunks by span - 1 tokens)."""
+        return self.n
+
+    def count(self, tokens: np.ndarray, starts: int):
+        """Add the k-grams of every order that start at tokens[0:starts] and end inside tokens.
+        A stream cut into chunks that overlap by n-1 tokens (trainer/count.py) is thus counted
+        exactly once, k-grams across the cuts included."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if len(tokens) and tokens.max() >= self.V:
+            raise UserError(f"token id {int(tokens.max())} is outside model.vocab_size={self.V}")
+        device = self.keys_1.device
+        prefix_ids = np.zeros(max(starts, 0), dtype=np.int64)  # the id of each k-gram's first k-1 tokens
+        remap = None  # the order below's old ids -> new ids, when its table grew
+        for k in range(1, self.n + 1):
+            keys, counts = (t.cpu().numpy() for t in self.table(k))
+            if remap is not None and len(keys):  # monotone in the old id: keys stay sorted
+                keys = remap[keys // self.V] * self.V + keys % self.V
+            m = max(min(starts, len(tokens) - k + 1), 0)
+            grams = prefix_ids[:m] * self.V + tokens[k - 1:k - 1 + m]
+            new_keys, new_counts = np.unique(grams, return_counts=True)
+            merged = np.union1d(keys, new_keys)
+            merged_counts = np.zeros(len(merged), dtype=np.int64)
+            remap = np.searchsorted(merged, keys)
+            merged_counts[remap] += counts
+            merged_counts[np.searchsorted(merged, new_keys)] += new_counts
+            prefix_ids = np.searchsorted(merged, grams)
+            setattr(self, f"keys_{k}", torch.from_numpy(merged).to(device))
+            setattr(self, f"counts_{k}", torch.from_numpy(merged_counts).to(device))
+        self._orders = None
+
+    def num_params(self) -> int:
+        """An n-gram model's parameters are its counts: one per distinct k-gram of every order."""
+        return sum(self.table(k)[0].numel() for k in range(1, self.n + 1))
+
+    def flops_per_token(self) -> int:
+        return 0  # no matmuls: lookups and additions
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The tables take the checkpoint's sizes (a freshly built model's are empty) before loading.
+        for name, buffer in self._buffers.items():
+            if prefix + name in state_dict:
+                self._buffers[name] = buffer.new_empty(state_dict[prefix + name].shape)
+        self._orders = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._orders = None  # derived tensors live on the old device: derive again
+        return super()._apply(fn, recurse)
+
+    # Deriving what scoring needs ----------------------------------------------------------------
+
+    def orders(self) -> list[Order]:
+        if self._orders is None:
+            self._orders = self._derive()
+        return self._orders
+
+    def _derive(self) -> list[Order]:
+        V, device = self.V, self.keys_1.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        keys = [self.table(k)[0].cpu().numpy() for k in range(1, self.n + 1)]
+        occurrences = [self.table(k)[1].cpu().numpy() for k in range(1, self.n + 1)]
+        # Suffix links: the id of each k-gram without its first token, in order k-1's table. Every
+        # counted k-gram's suffix was counted too (it starts one position later).
+        suffix = [np.zeros(len(keys[0]), dtype=np.int64)]
+        for k in range(2, self.n + 1):
+            prefix, last = np.divmod(keys[k - 1], V)
+            suffix.append(np.searchsorted(keys[k - 2], suffix[k - 2][prefix] * V + last))
+        # A k-gram's continuations (k < n): the distinct (k+1)-grams that end with it.
+        continuations = [np.bincount(suffix[k], minlength=len(keys[k - 1])) for k in range(1, self.n)]
+        add = self.cfg.add_k * V if self.cfg.smoothing == "add_k" else 0.0
+        orders = []
+        for k in range(1, self.n + 1):
+            starts = np.searchsorted(keys[k - 1] // V, np.arange((len(keys[k - 2]) if k > 1 else 1) + 1))
+            numerators, weights, denominators = [], [], []
+            for counts in (occurrences[k - 1], continuations[k - 1] if k < self.n else occurrences[k - 1]):
+                D = discount(counts) if self.cfg.smoothing == "kneser_ney" else 0.0
+                numerators.append(np.maximum(counts - D, 0.0))
+                weights.append(D * segment_sums(counts > 0, starts) + add)
+                denominators.append(segment_sums(counts, starts) + add)
+            orders.append(Order(*(torch.as_tensor(a, dtype=torch.long, device=device)
+                                  for a in (keys[k - 1], keys[k - 1] % V, starts)),
+                                *(torch.as_tensor(np.concatenate(a), dtype=dtype, device=device)
+                                  for a in (numerators, weights, denominators))))
+        return orders
+
+    # Scoring ------------------------------------------------------------------------------------
+
+    def context_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """(n, B, T): at [j, b, t] the id of the j tokens ending at idx[b, t] in order j's table;
+        -1 where they reach before the window or were never counted. Row 0: the empty context."""
+        B, T = idx.shape
+        ids = [torch.zeros(B, T, dtype=torch.long, device=idx.device)]
+        for j in range(1, self.n):
+            keys = self.orders()[j - 1].keys
+            before = ids[-1] if j == 1 else F.pad(ids[-1][:, :-1], (1, 0), value=-1)  # ends one token earlier
+            query = before.clamp(min=0) * self.V + idx
+            at = torch.searchsorted(keys, query).clamp(max=max(len(keys) - 1, 0))
+            found = (before >= 0) & (keys[at] == query) if len(keys) else torch.zeros_like(before, dtype=torch.bool)
+            ids.append(torch.where(found, at, -1))
+        return torch.stack(ids)
+
+    def probabilities(self, ids: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """(N, V) next-token distributions at N positions, from their context ids (n, N) and the
+        order each position is predicted at (N,): the highest order its window allows."""
+        orders = self.orders()
+        probs = torch.full((top.shape[0], self.V), 1.0 / self.V, dtype=orders[0].weights.dtype, device=top.device)
+        for k, order in enumerate(orders, start=1):
+            at_top = top == k
+            active = at_top if self.cfg.smoothing == "add_k" else top >= k  # add-k: the top order alone
+            self._step(probs, order, ids[k - 1], active, form=(~at_top).long())
+        return probs
+
+    def _step(self, probs, order: Order, context, active, form):
+        """probs <- P_k from P_{k-1} (Order's recursion), in place, at the active rows whose context
+        was counted and followed; the other rows keep P_{k-1}. What a row needs depends on its
+        (context, form) alone, so it is computed once per distinct one in the batch: many rows
+        share one at the low orders."""
+        C = len(order.starts) - 1
+        if C == 0:
+            return  # no context of this order counted
+        slot = form * C + context.clamp(min=0)
+        active = active & (context >= 0) & (order.denominators[slot] > 0)
+        slots, inverse = torch.unique(torch.where(active, slot, -1), return_inverse=True)
+        live, slots = slots >= 0, slots.clamp(min=0)  # slot -1 gathers the rows that keep P_{k-1}
+        denominator = torch.where(live, order.denominators[slots], 1.0)
+        lower = torch.where(live, order.weights[slots], 1.0) / denominator
+        # The followers of distinct context u are the k-grams starts[h_u] .. starts[h_u + 1] - 1, a
+        # ragged gather. (Not with repeat_interleave: on CPU it enters a parallel region even for a
+        # few elements, which can cost milliseconds on a busy machine, most of a generation step.)
+        first = order.starts[slots % C]
+        lengths = torch.where(live, order.starts[slots % C + 1] - first, 0)
+        ends = lengths.cumsum(0)
+        position = torch.arange(int(ends[-1]), device=ends.device)
+        u = torch.searchsorted(ends, position, right=True)
+        gram = (first - ends + lengths)[u] + position
+        followers = probs.new_zeros(len(slots), self.V)
+        followers.view(-1).index_add_(0, u * self.V + order.token[gram],
+                                      order.numerators[(slots // C)[u] * len(order.keys) + gram])
+        probs.mul_(lower[inverse][:, None]).add_((followers / denominator[:, None])[inverse])
+
+    def log_probs(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """log P(next token | up to n-1 earlier tokens of idx's window): (B, T, V), or (B, V) for
+        the last position only."""
+        B, T = idx.shape
+        ids = self.context_ids(idx)
+        top = (torch.arange(T, device=idx.device) + 2).clamp(max=self.n)  # t + 1 tokens seen: order t + 2
+        if last_only:
+            ids, top = ids[:, :, -1:], top[-1:]
+        probs = self.probabilities(ids.flatten(1), top.expand(B, -1).reshape(-1))
+        logp = probs.log().float().view(B, -1, self.V)
+        return logp[:, -1] if last_only else logp
+
+    def forward(self, idx, targets=None):
+        logits = self.log_probs(idx)
+        loss = None
+        if targets is not None:
+            loss = F.nll_loss(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        return logits, loss
+
+    # Generation ---------------------------------------------------------------------------------
+
+    def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0):
+        return NgramDecoder(self) if use_cache else super().decoder(use_cache, decode, max_len)
+
+
+class NgramDecoder:
+    """An n-gram's generation state is the last n-1 tokens: each step scores the newest position
+    only, from them (the full recompute scores every position of the block_size window)."""
+
+    def __init__(self, model: Ngram):
+        self.model = model
+        self.keep = max(model.n - 1, 1)  # order 1 looks at no token, but a position needs one
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.log_probs(tokens[:, -self.keep:], last_only=True)
