@@ -50,6 +50,7 @@ from model.base import IGNORE, LanguageModel, ModelConfig
 
 MAX_ORDER = 8
 FALLBACK_DISCOUNT = 0.5
+WORKING_SET = 1 << 22  # probabilities computed at once (positions x vocabulary), 32 MB in float64
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Order:
     Contexts are indexed by their id in order k-1's table (order 1 has one, the empty context)."""
 
     keys: torch.Tensor  # (T,) sorted k-gram keys: context id * V + last token
-    token: torch.Tensor  # (T,) each k-gram's last token
+    token: torch.Tensor  # (2 T,) each k-gram's last token, once per form (so one index serves both)
     starts: torch.Tensor  # (C + 1,) context h's k-grams are keys[starts[h]:starts[h + 1]]
     numerators: torch.Tensor  # (2 T,) per k-gram and form
     weights: torch.Tensor  # (2 C,) per context and form: the lower order's share, times denominator
@@ -200,7 +201,7 @@ class Ngram(LanguageModel):
                 weights.append(D * segment_sums(counts > 0, starts) + add)
                 denominators.append(segment_sums(counts, starts) + add)
             orders.append(Order(*(torch.as_tensor(a, dtype=torch.long, device=device)
-                                  for a in (keys[k - 1], keys[k - 1] % V, starts)),
+                                  for a in (keys[k - 1], np.tile(keys[k - 1] % V, 2), starts)),
                                 *(torch.as_tensor(np.concatenate(a), dtype=dtype, device=device)
                                   for a in (numerators, weights, denominators))))
         return orders
@@ -223,42 +224,51 @@ class Ngram(LanguageModel):
 
     def probabilities(self, ids: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """(N, V) next-token distributions at N positions, from their context ids (n, N) and the
-        order each position is predicted at (N,): the highest order its window allows."""
-        orders = self.orders()
-        probs = torch.full((top.shape[0], self.V), 1.0 / self.V, dtype=orders[0].weights.dtype, device=top.device)
-        for k, order in enumerate(orders, start=1):
-            at_top = top == k
-            active = at_top if self.cfg.smoothing == "add_k" else top >= k  # add-k: the top order alone
-            self._step(probs, order, ids[k - 1], active, form=(~at_top).long())
-        return probs
+        order each position is predicted at (N,): the highest order its window allows.
 
-    def _step(self, probs, order: Order, context, active, form):
-        """probs <- P_k from P_{k-1} (Order's recursion), in place, at the active rows whose context
-        was counted and followed; the other rows keep P_{k-1}. What a row needs depends on its
-        (context, form) alone, so it is computed once per distinct one in the batch: many rows
-        share one at the low orders."""
-        C = len(order.starts) - 1
-        if C == 0:
-            return  # no context of this order counted
-        slot = form * C + context.clamp(min=0)
-        active = active & (context >= 0) & (order.denominators[slot] > 0)
-        slots, inverse = torch.unique(torch.where(active, slot, -1), return_inverse=True)
-        live, slots = slots >= 0, slots.clamp(min=0)  # slot -1 gathers the rows that keep P_{k-1}
-        denominator = torch.where(live, order.denominators[slots], 1.0)
-        lower = torch.where(live, order.weights[slots], 1.0) / denominator
-        # The followers of distinct context u are the k-grams starts[h_u] .. starts[h_u + 1] - 1, a
-        # ragged gather. (Not with repeat_interleave: on CPU it enters a parallel region even for a
-        # few elements, which can cost milliseconds on a busy machine, most of a generation step.)
-        first = order.starts[slots % C]
-        lengths = torch.where(live, order.starts[slots % C + 1] - first, 0)
-        ends = lengths.cumsum(0)
-        position = torch.arange(int(ends[-1]), device=ends.device)
-        u = torch.searchsorted(ends, position, right=True)
-        gram = (first - ends + lengths)[u] + position
-        followers = probs.new_zeros(len(slots), self.V)
-        followers.view(-1).index_add_(0, u * self.V + order.token[gram],
-                                      order.numerators[(slots // C)[u] * len(order.keys) + gram])
-        probs.mul_(lower[inverse][:, None]).add_((followers / denominator[:, None])[inverse])
+        Order's recursion unrolled from the top down: P = sum over orders k of own_k * numerator_k
+        at the context's followers, + scale / V, where own_k = (the lower-order weights of the
+        orders above k, multiplied) / denominator_k and scale is the product of them all. So the
+        dense work is the uniform term and order 1 (one context, whose followers are the whole
+        vocabulary); the higher orders add only their contexts' followers, however large V."""
+        orders, N, V = self.orders(), len(top), self.V
+        scale = torch.ones(N, dtype=orders[0].weights.dtype, device=top.device)
+        own = []
+        for k in range(self.n, 0, -1):
+            order, context = orders[k - 1], ids[k - 1]
+            C = len(order.starts) - 1
+            at_top = top == k
+            active = (at_top if self.cfg.smoothing == "add_k" else top >= k) & (context >= 0) & (C > 0)
+            slot = (~at_top).long() * C + context.clamp(min=0)  # form * C + context
+            denominator = order.denominators[slot] if C else scale
+            active &= denominator > 0  # a context never followed leaves the order below alone
+            denominator = denominator.masked_fill(~active, 1.0)
+            own.append(torch.where(active, scale / denominator, 0.0))
+            scale = torch.where(active, scale * order.weights[slot] / denominator, scale) if C else scale
+        probs = (scale / V)[:, None].repeat(1, V)
+        for k, weight in zip(range(self.n, 0, -1), own):
+            order, at_top = orders[k - 1], top == k
+            if len(order.starts) == 2:  # order 1: every row's followers are the whole table, as two dense rows
+                followers = probs.new_zeros(2, V).index_put_((torch.tensor([0, 1], device=top.device)[:, None],
+                                                               order.token.view(2, -1)), order.numerators.view(2, -1))
+                probs.addr_(weight * at_top, followers[0]).addr_(weight * ~at_top, followers[1])
+                continue
+            # Each active row's followers: the k-grams starts[h] .. starts[h + 1] - 1, a ragged gather.
+            # Entry e is row i's when i spans end at or before e. (Not with repeat_interleave: on CPU it
+            # enters a parallel region even for a few elements, which costs milliseconds on a busy
+            # machine, most of a generation step.)
+            rows = weight.nonzero().squeeze(1)
+            first = order.starts[ids[k - 1][rows]]
+            lengths = order.starts[ids[k - 1][rows] + 1] - first
+            ends = lengths.cumsum(0)
+            total = int(ends[-1]) if len(ends) else 0
+            i = torch.zeros(total + 1, dtype=torch.long, device=top.device).index_add_(0, ends, torch.ones_like(ends))
+            i = i[:-1].cumsum(0)
+            base = (~at_top[rows]).long() * len(order.keys) + first - ends + lengths  # per row, in the stacked forms
+            entry = base[i] + torch.arange(total, device=top.device)
+            row = rows[i]
+            probs.view(-1).index_add_(0, row * V + order.token[entry], weight[row] * order.numerators[entry])
+        return probs
 
     def log_probs(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """log P(next token | up to n-1 earlier tokens of idx's window): (B, T, V), or (B, V) for
@@ -268,8 +278,12 @@ class Ngram(LanguageModel):
         top = (torch.arange(T, device=idx.device) + 2).clamp(max=self.n)  # t + 1 tokens seen: order t + 2
         if last_only:
             ids, top = ids[:, :, -1:], top[-1:]
-        probs = self.probabilities(ids.flatten(1), top.expand(B, -1).reshape(-1))
-        logp = probs.log().float().view(B, -1, self.V)
+        ids, top = ids.flatten(1), top.expand(B, -1).reshape(-1)
+        logp = torch.empty(len(top), self.V, device=idx.device)
+        rows = max(WORKING_SET // self.V, 1)  # positions at a time: a large vocabulary's float64 rows add up
+        for i in range(0, len(top), rows):
+            logp[i:i + rows] = self.probabilities(ids[:, i:i + rows], top[i:i + rows]).log()
+        logp = logp.view(B, -1, self.V)
         return logp[:, -1] if last_only else logp
 
     def forward(self, idx, targets=None):

@@ -74,8 +74,9 @@ def test_kneser_ney_matches_a_hand_computed_example():
         assert got == pytest.approx(float(p), rel=1e-6), (context, token)
 
 
-def reference(text: str, alphabet: str, n: int, smoothing: str, k: float = 1.0):
-    """P(w | context) straight from the definitions (model/ngram.py's docstring), with dicts."""
+def reference(text, alphabet, n: int, smoothing: str, k: float = 1.0):
+    """P(w | context) straight from the definitions (model/ngram.py's docstring), with dicts; text
+    and context are strings of letters of alphabet, or tuples of token ids with range(V)."""
     occurrences = {j: Counter(text[i:i + j] for i in range(len(text) - j + 1)) for j in range(1, n + 1)}
     continuations = {j: Counter(g[1:] for g in occurrences[j + 1]) for j in range(1, n)}
 
@@ -85,8 +86,6 @@ def reference(text: str, alphabet: str, n: int, smoothing: str, k: float = 1.0):
 
     def kn(w, h, top):
         order = len(h) + 1
-        if order == 0:
-            return 1 / len(alphabet)
         counts = occurrences[order] if order == top else continuations[order]
         followers = {g[-1]: c for g, c in counts.items() if g[:-1] == h and c > 0}
         total, lower = sum(followers.values()), kn(w, h[1:], top) if order > 1 else 1 / len(alphabet)
@@ -121,6 +120,22 @@ def test_every_context_gets_a_distribution_equal_to_the_definitions(smoothing):
         assert torch.allclose(probs.sum(-1), torch.ones(len(contexts), dtype=torch.float64), atol=1e-6)
         expected = torch.tensor([[ref(w, ctx) for w in alphabet] for ctx in contexts], dtype=torch.float64)
         assert torch.allclose(probs, expected, rtol=1e-5, atol=1e-7), length
+
+
+def test_a_gpt2_sized_vocabulary_at_order_8():
+    """Keys of 8-grams over 50,304 tokens would need 125 bits as plain base-V numbers."""
+    V, n = 50_304, 8
+    rng = random.Random(0)
+    tokens = tuple(rng.choice([3, 50_000, 50_255, 50_303]) for _ in range(400))
+    model = Ngram(NgramConfig(vocab_size=V, block_size=16, ngram_order=n))
+    model.count(np.array(tokens), len(tokens))
+    contexts = [tokens[i:i + n - 1] for i in range(0, 300, 30)] + [(50_303,) * 7, (7,) * 7]  # two unseen
+    probs = model.log_probs(torch.tensor(contexts))[:, -1].double().exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(len(contexts), dtype=torch.float64), atol=1e-6)
+    ref = reference(tokens, range(V), n, "kneser_ney")
+    for ctx, row in zip(contexts, probs):
+        for w in (3, 7, 50_000, 50_255, 50_303):
+            assert row[w].item() == pytest.approx(ref(w, ctx), rel=1e-5)
 
 
 def test_counting_in_chunks_gives_the_tables_of_one_pass():
@@ -213,7 +228,7 @@ def test_an_interrupted_count_resumes_to_the_same_counts(ngram_run, monkeypatch,
         (reference / "metrics.jsonl").read_text().split('"elapsed_s"')[0]  # the same val loss and bpb
 
 
-def test_a_finished_count_or_another_familys_config_is_refused_untouched(ngram_run, capsys):
+def test_a_finished_count_another_familys_config_or_init_from_is_refused_untouched(ngram_run, capsys):
     args, out, _ = ngram_run
     before = snapshot(out)
     fails(capsys, train.main, args(out, "train.max_iters=7", "optim.lr=0.5", "resume=true"), "cannot resume",
@@ -221,6 +236,7 @@ def test_a_finished_count_or_another_familys_config_is_refused_untouched(ngram_r
     gpt = [str(REPO / "configs/small.yaml"), f"out_dir={out}", "resume=true", "train.device=cpu"]
     fails(capsys, train.main, gpt, "cannot resume", "model.arch: 'ngram' -> 'gpt'")
     assert snapshot(out) == before
+    fails(capsys, train.main, args(out.parent / "other", f"init_from={out}"), "init_from=", "is counted, not trained")
 
 
 @pytest.fixture
