@@ -31,9 +31,10 @@ Design decisions:
   `state_dict()` is the checkpoint's `model`); continuation counts, per-context sums and
   discounts are derived from them on first use after counting, loading or moving the model.
 - forward returns log-probabilities as the logits, so every tool that applies a softmax or a
-  cross-entropy to logits (evaluation, sampling) gets the model's own distribution back.
-  They are computed per position as dense (positions, V) vectors in float64, each order adding
-  the discounted counts of the context's followers (a ragged gather) to the scaled lower order.
+  cross-entropy to logits (evaluation, sampling) gets the model's own distribution back. They
+  are float64 (positions, V) rows, computed WORKING_SET entries at a time: the recursion is
+  unrolled into a weight per order, so the dense work is the uniform term and order 1, and each
+  higher order adds only its context's followers (a ragged gather), whatever the vocabulary.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ WORKING_SET = 1 << 22  # probabilities computed at once (positions x vocabulary)
 
 @dataclass
 class NgramConfig(ModelConfig):
-    ngram_order: int = 5  # n: the next token is predicted from the last n-1 tokens (1-8)
+    ngram_order: int = 6  # n: the next token is predicted from the last n-1 tokens (1-8)
     smoothing: str = "kneser_ney"  # kneser_ney (interpolated, a discount per order) | add_k
     add_k: float = 1.0  # smoothing=add_k: the count added to every token of the vocabulary (1 = Laplace)
 

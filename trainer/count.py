@@ -81,7 +81,8 @@ class CountStream:
 
 def ignored_settings(cfg) -> str:
     given = sorted(k for k in cfg.given if k in STEP_KEYS or k.startswith("optim."))
-    what = f"ignoring {', '.join(given)}" if given else "step and optimizer settings (train.max_iters, optim.*) do not apply"
+    what = (f"ignoring {', '.join(given)}" if given
+            else "step and optimizer settings (train.max_iters, optim.*) do not apply")
     return f"model.arch={cfg.model.arch} is counted in one pass over the train split, with no optimizer: {what}"
 
 
