@@ -252,7 +252,7 @@ class Ngram(LanguageModel):
             if len(order.starts) == 2:  # order 1: every row's followers are the whole table, as two dense rows
                 followers = probs.new_zeros(2, V).index_put_((torch.tensor([0, 1], device=top.device)[:, None],
                                                                order.token.view(2, -1)), order.numerators.view(2, -1))
-                probs.addr_(weight * at_top, followers[0]).addr_(weight * ~at_top, followers[1])
+                probs += torch.where(at_top[:, None], followers[0], followers[1]) * weight[:, None]
                 continue
             # Each active row's followers: the k-grams starts[h] .. starts[h + 1] - 1, a ragged gather.
             # Entry e is row i's when i spans end at or before e. (Not with repeat_interleave: on CPU it
