@@ -36,6 +36,7 @@ from data.tokenizer import from_state
 from model import IGNORE, build_model, padded_vocab
 from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
+from trainer.count import fit_counted
 from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
                           plain_tensor, plan_batches, seed_rank_streams, shard_batches, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
@@ -117,6 +118,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         load_model_state(model, {"model": init.state}, init.source)
         tqdm.write(f"init_from: weights of {init.source}")
     model.to(rt.device)
+    if not model.trainable:  # a counted model (the n-gram): one pass over the train split, no optimizer
+        return fit_counted(cfg, model, tokenizer, ckpt, train_data, stop, d.enabled,
+                           lambda: evaluate(model, val_data, cfg, rt, 0, d, token_bytes))
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)

@@ -10,9 +10,11 @@ from __future__ import annotations
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig, padded_vocab
 from model.gpt import GPT, GPTConfig
+from model.ngram import Ngram, NgramConfig
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[LanguageModel]]] = {
     "gpt": (GPTConfig, GPT),
+    "ngram": (NgramConfig, Ngram),
 }
 
 

@@ -28,7 +28,7 @@ import torch
 
 from common.errors import UserError
 from data.tokenizer import from_state
-from model import build_model, config_class, padded_vocab
+from model import FAMILIES, build_model, config_class, padded_vocab
 from trainer.checkpoint import find_checkpoint, load_checkpoint
 
 
@@ -70,7 +70,11 @@ def load_init(cfg) -> InitWeights:
     ckpt = load_checkpoint(path, mmap=True)
     saved = ckpt["config"]["model"]
     merged, explicit = explicit_model_keys(cfg, saved, cfg.init_from)
-    model_cls = config_class(merged.get("arch", "gpt"))
+    arch = merged.get("arch", "gpt")
+    if not FAMILIES[arch][1].trainable:
+        raise UserError(f"init_from={cfg.init_from}: its model (model.arch={arch}) is counted, not trained: it has no "
+                        f"weights to start from; count a new run instead")
+    model_cls = config_class(arch)
     tokenizer = from_state(ckpt["tokenizer"])
     old_vocab = saved["vocab_size"]
     asked = explicit.get("vocab_size", 0)
