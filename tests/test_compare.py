@@ -15,7 +15,7 @@ import compare
 from tests.conftest import TINY
 from trainer.checkpoint import load_checkpoint, load_model
 from trainer.metrics import SCALARS, MetricsLog
-from trainer.runs import read_run, with_time
+from trainer.runs import Run, read_run, with_time
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -114,3 +114,29 @@ def test_tensorboard_without_the_package_says_which_extra_and_writes_nothing(tmp
     with pytest.raises(UserError, match=r'pip install -e "\.\[tensorboard\]"'):
         MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_history_shows_n2_n4_the_best_order_and_says_why_a_family_is_missing(tmp_path, monkeypatch):
+    """bench.history's table, with each run faked (the real ones train for minutes)."""
+    import bench.history as history
+
+    val_bpb = {1: 3.5, 2: 2.9, 3: 2.4, 4: 2.1, 5: 2.05, 6: 2.2, 7: 2.4, 8: 2.6}
+
+    def fake_train(entry, budget):
+        if entry.family != "ngram":
+            entry.skipped = f"{entry.config} does not exist yet"
+            return
+        n = int(entry.name.removeprefix("ngram-"))
+        entry.run = Run(entry.name, "ngram", with_time([{"iter": 0, "num_params": 1000 * n}, {
+            "iter": 0, "val_loss": 0.7 * val_bpb[n], "val_bpb": val_bpb[n], "elapsed_s": 1.0, "tokens": 10}]))
+        entry.sample = "ROMEO:\nsome | text"
+
+    monkeypatch.setattr(history, "train", fake_train)
+    history.main(["--only", "ngram,lstm", "--out", str(tmp_path)])
+    table = [line for line in (tmp_path / "HISTORY.md").read_text().splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[:3] for row in table] == [
+        ["| n-gram, n=2", "2k", "2.900"], ["| n-gram, n=4", "4k", "2.100"],
+        ["| n-gram, best order on val: n=5", "5k", "2.050"], ["| LSTM", "-", "-"]]
+    assert "skipped: configs/lstm.yaml does not exist yet" in table[3]
+    assert "`ROMEO:↵some \\| text`" in table[0]  # one line, the pipe escaped
+    assert (tmp_path / "history.png").is_file() == HAVE_MATPLOTLIB

@@ -51,6 +51,10 @@ class Run:
     def best(self, metric: str) -> float | None:
         return min((v for v in (r.get(metric) for r in self.rows if "val_loss" in r) if v is not None), default=None)
 
+    def last(self, metric: str) -> float | None:
+        """At the last evaluation: the end of the run, over the whole val split."""
+        return next((r.get(metric) for r in reversed(self.rows) if "val_loss" in r), None)
+
     def curve(self, metric: str, x: str) -> list[tuple[float, float]]:
         """(x, metric) points, in the order they were logged; lines lacking either are left out."""
         evaluations = metric.startswith("val_")
