@@ -139,6 +139,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         tqdm.write(f"resuming {cfg.out_dir} from iter {state.iter}")
     start_iter = state.iter
     seed_rank_streams(d, cfg.train.seed, start_iter)
+    # Opened before config.yaml is written: a missing tensorboard package stops a run that wrote nothing.
+    metrics = MetricsLog(Path(cfg.out_dir) / METRICS, cfg.train.tensorboard, start_iter) if d.is_main else NullLog()
+    metrics.write(iter=start_iter, num_params=num_params)
     if d.is_main:
         write_config(cfg)
     # Compiling pays on CUDA; small CPU models spend longer compiling than it saves.
@@ -160,7 +163,6 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     tqdm.write(f"model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                f"device {rt.device}, {str(rt.dtype).removeprefix('torch.')}, parallel {d.parallel}; "
                f"batch {plan.describe()}; train {train_data.num_tokens:,} tokens, val {val_data.num_tokens:,}")
-    metrics = MetricsLog(Path(cfg.out_dir) / METRICS) if d.is_main else NullLog()
     bar = closing.enter_context(tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True,
                                      disable=not d.is_main))
     run_start = time.perf_counter()
@@ -184,7 +186,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
                                          token_bytes)
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
-            metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss,
+            metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss, tokens=it * tokens_per_step,
                           elapsed_s=round(eval_start - run_start, 3), train_time_s=round(eval_start - run_start - paused_s, 3))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
             tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte)"
@@ -238,7 +240,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             interval_loss_sum += loss_sum
             interval_steps += good_iters
             metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
-                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3),
+                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3), tokens=it * tokens_per_step,
                           **({"skipped_steps": skipped} if skipped else {}))
             bar.set_postfix_str(f"loss {loss_val:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, mfu {format_mfu(mfu)}")
             bar.update(window_iters)

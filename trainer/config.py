@@ -116,6 +116,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # stop after more than this many skipped updates in a row
     spike_z: float = 0.0  # skip an update whose loss or grad norm is this many std above its recent mean; 0 = off
     spike_window: int = 128  # recent good steps the spike guard's mean and std are taken over
+    tensorboard: bool = False  # also log metrics.jsonl's scalars to out_dir/tensorboard (extra [tensorboard])
 
     def validate(self):
         positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
