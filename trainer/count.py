@@ -136,9 +136,9 @@ def fit_counted(cfg, model, tokenizer, ckpt: dict | None, train_data, stop, dist
     eval_s = time.perf_counter() - eval_start
     state.iter = 1
     state.best_val_loss = val_loss if math.isfinite(val_loss) else math.inf
-    metrics = MetricsLog(out / METRICS)
+    metrics = MetricsLog(out / METRICS, cfg.train.tensorboard)
     metrics.write(iter=state.iter, val_loss=val_loss, val_bpb=val_bpb, elapsed_s=round(stream.seconds, 3),
-                  train_time_s=round(stream.seconds, 3))
+                  train_time_s=round(stream.seconds, 3), num_params=model.num_params(), tokens=train_data.num_tokens)
     metrics.close()
     save_run_checkpoint(state.state_dict(), out, math.isfinite(val_loss), cfg.train.keep_last)
     log(f"counted {train_data.num_tokens:,} train tokens in {stream.seconds:.1f}s: {model.num_params():,} distinct "
