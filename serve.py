@@ -88,6 +88,7 @@ def main(argv=None):
         device = pick_device(args.device)
         rt = Runtime(device, pick_dtype(args.dtype, device))
 
+        from chat.template import ChatTemplate, has_chat_tokens
         from model.engine import Engine
         from trainer.checkpoint import load_model
 
@@ -96,7 +97,8 @@ def main(argv=None):
         model_id = Path(args.ckpt).resolve().name if Path(args.ckpt).is_dir() else path.parent.name
         engine = Engine(model, tokenizer, args.max_batch, args.max_queue, autocast=lambda: rt.autocast)
         limits = Limits(cfg.model.block_size, args.max_tokens, args.max_body, args.max_batch)
-        app = Server(engine, tokenizer, model_id, limits, args.api_key).app()
+        template = ChatTemplate(tokenizer) if has_chat_tokens(tokenizer) else None  # else chat is refused
+        app = Server(engine, tokenizer, model_id, limits, args.api_key, template).app()
 
         class Uvicorn(uvicorn.Server):
             @contextlib.contextmanager
