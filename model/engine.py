@@ -24,7 +24,7 @@ Design decisions:
   a generator seeded S, as `sample.py --seed S` does (tested).
 - Per-row sampling: each row samples from its own logits with its own generator (choice i of a
   request: seed + i), so a request's text does not depend on what else is in the batch.
-- Isolation: a row whose sampling fails fails its request alone. When a batched step fails, every
+- Isolation: a row whose sampling or text fails fails its request alone. When a batched step fails, every
   row is retried alone from its whole sequence (the decoder forgets them first); the rows that
   fail again fail their requests, the others go on. An error message names the exception type
   only; the server's log has the traceback.
@@ -239,7 +239,11 @@ class Engine:
                     elif not self.running and not self.waiting:
                         self.lock.wait()
                         continue
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # a bug outside any one row: the running requests fail, serving goes on
+                    for job in list(self.running):
+                        self._fail(job, e)
 
     def step(self):
         """Admit what fits, give every running row one token, let the finished rows leave."""
@@ -253,11 +257,10 @@ class Engine:
             if logits is None or row.job.cancelled or row.finished:
                 continue
             try:
-                token = int(sample_next(logits[None], row.sequence[None], row.job.request.sampling, row.generator))
+                row.take(int(sample_next(logits[None], row.sequence[None], row.job.request.sampling, row.generator)))
             except Exception as e:
                 self._fail(row.job, e)
                 continue
-            row.take(token)
             if row.finished:
                 self.decoder.drop(row)
         for job in [j for j in self.running if j.done]:
