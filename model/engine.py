@@ -268,11 +268,11 @@ class Engine:
 
     def _admit(self):
         with self.lock:
+            if any(j.cancelled for j in self.waiting):  # clients gone before their turn: free their places
+                self.waiting = deque(j for j in self.waiting if not j.cancelled)
             free = self.capacity - sum(len(j.rows) for j in self.running)
             while self.waiting and not self.closing and self.waiting[0].request.n <= free:
                 job = self.waiting.popleft()
-                if job.cancelled:
-                    continue
                 job.rows = [Row(job, i, self.tokenizer, self.device) for i in range(job.request.n)]
                 self.running.append(job)
                 free -= job.request.n

@@ -64,17 +64,20 @@ def write_checkpoint(path: Path, chat: bool) -> Path:
     return path
 
 
-def start_server(ckpt: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """serve.py on a free loopback port (--port 0; it prints the one it got)."""
-    proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(ckpt), "--port", "0", "--threads", "1",
+def launch(ckpt: Path, *args: str) -> subprocess.Popen:
+    """serve.py on a free loopback port (--port 0: it prints the one it got)."""
+    return subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(ckpt), "--port", "0", "--threads", "1",
                              "--device", "cpu", *args], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def address(proc: subprocess.Popen) -> str:
     line = proc.stderr.readline()
     match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
     if not match:
         proc.kill()
         raise AssertionError(f"server did not start: {line}{proc.stderr.read()}")
-    return proc, match[1]
+    return match[1]
 
 
 def stop_server(proc: subprocess.Popen) -> str:
@@ -94,12 +97,24 @@ def chat_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(chat_ckpt):
-    proc, url = start_server(chat_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "2",
-                             "--max-tokens", "5000", "--max-body", "4096")
-    yield url
-    log = stop_server(proc)
-    assert "Traceback" not in log, log
+def servers(chat_ckpt, tmp_path_factory):
+    """Two servers, started side by side: the chat model with a key and small limits, and a
+    plain model (no chat tokens) that ends running requests at once on SIGTERM."""
+    procs = {"chat": launch(chat_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "2",
+                            "--max-tokens", "5000", "--max-body", "4096"),
+             "plain": launch(write_checkpoint(tmp_path_factory.mktemp("serve") / "base", chat=False),
+                             "--grace", "0", "--max-tokens", "100000")}
+    try:
+        yield {name: (proc, address(proc)) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            log = stop_server(proc)
+            assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["chat"][1]
 
 
 @pytest.fixture(scope="module")
@@ -260,45 +275,44 @@ def test_full_queue_gets_429_and_disconnects_free_the_rows(server, client):
     assert status == 429 and headers["retry-after"] == "1" and data["error"]["type"] == "rate_limit_error"
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="m", prompt="C", max_tokens=5)
-    for conn in queued + [busy]:  # the clients go away: their rows and places in the queue are freed
+    for conn in queued:  # clients that go away before their turn free their places in the queue
         conn.close()
-    wait_for(lambda: (health(server)["running"], health(server)["waiting"]) == (0, 0))
+    wait_for(lambda: health(server)["waiting"] == 0)
+    assert health(server)["running"] == 4
+    busy.close()  # and a running one its rows
+    wait_for(lambda: health(server)["running"] == 0)
     assert client.completions.create(model="m", prompt="D", max_tokens=5).choices[0].finish_reason == "length"
 
 
-def test_plain_model_refuses_chat_and_sigterm_ends_running_streams(tmp_path):
-    proc, url = start_server(write_checkpoint(tmp_path / "base", chat=False), "--grace", "0", "--max-tokens", "100000")
-    try:
-        status, _, data = raw(url, "POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}]}',
-                              key=None)
-        assert status == 400 and data["error"]["code"] == "model_not_chat"
-        conn = open_stream(url, {"prompt": "A", "max_tokens": 100000})
-        resp = conn.sock.makefile("rb")
-        assert resp.readline()  # the stream is running
-        proc.send_signal(signal.SIGTERM)
-        rest = resp.read().decode()
-        assert '"error"' in rest and "shutting down" in rest  # ended with an error event, not cut off
-        assert proc.wait(timeout=30) == 0
-    finally:
-        log = stop_server(proc)
-    assert "stopped" in log and "Traceback" not in log
+def test_plain_model_refuses_chat_and_sigterm_ends_running_streams(servers):
+    proc, url = servers["plain"]
+    status, _, data = raw(url, "POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}]}',
+                          key=None)
+    assert status == 400 and data["error"]["code"] == "model_not_chat"
+    conn = open_stream(url, {"prompt": "A", "max_tokens": 100000})
+    resp = conn.sock.makefile("rb")
+    assert resp.readline()  # the stream is running
+    proc.send_signal(signal.SIGTERM)
+    rest = resp.read().decode()
+    assert '"error"' in rest and "shutting down" in rest  # ended with an error event, not cut off
+    assert proc.wait(timeout=30) == 0
+    assert "stopped" in stop_server(proc)
 
 
-def test_bad_checkpoint_fails_before_binding_and_busy_port_is_named(tmp_path, chat_ckpt):
+def test_bad_checkpoint_fails_before_binding_and_busy_port_is_named(tmp_path, chat_ckpt, capsys):
+    import serve
+
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        runs = [subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(ckpt), "--port", port, "--device", "cpu"],
-                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for ckpt in (bad, chat_ckpt)]
-        (_, bad_err), (_, busy_err) = (p.communicate(timeout=120) for p in runs)
-    assert [p.returncode for p in runs] == [2, 2]
-    assert bad_err.strip().splitlines() == [f"error: {bad}: corrupt or truncated checkpoint "
-                                            f"(not a complete torch.save archive)"]
-    assert busy_err.strip().splitlines() == [f"error: port {port} on 127.0.0.1 is in use; pick another with --port"]
+        for ckpt, line in ((bad, f"error: {bad}: corrupt or truncated checkpoint (not a complete torch.save archive)"),
+                           (chat_ckpt, f"error: port {port} on 127.0.0.1 is in use; pick another with --port")):
+            with pytest.raises(SystemExit) as exit:
+                serve.main(["--ckpt", str(ckpt), "--port", port, "--device", "cpu"])
+            assert exit.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
 
 
 # The chat page in a real browser ----------------------------------------------------------------
