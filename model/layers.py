@@ -73,7 +73,7 @@ class Rotary(nn.Module):
     def forward(self, start: int | torch.Tensor, length: int):
         """(cos, sin) for positions start..start+length: (length, D/2), or (B, 1, length, D/2)
         when start is a (B,) tensor of per-row positions (broadcast over the heads)."""
-        if isinstance(start, torch.Tensor):  # positions on the device (a captured step, per-row rows), tables reserved
+        if isinstance(start, torch.Tensor):  # on the device (a captured step; a position per row): tables reserved
             if start.dim() == 1:
                 positions = start[:, None] + torch.arange(length, device=self.cos.device)
                 return self.cos[positions][:, None], self.sin[positions][:, None]
