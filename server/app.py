@@ -23,9 +23,10 @@ Design decisions:
   to the server's log) when generation itself fails, for that request only.
 - One log line per request on stderr: client, method, path, status, prompt+completion tokens,
   latency; uvicorn's own access log is off.
-- Tool calls (the tool-use work) are refused by name for now (`tools`). Their place: the chat
-  endpoint detects a completed call in a row's text, runs the tool, appends its output to the
-  row's tokens (the engine feeds forced tokens at the next step) and streams it as tool output.
+- Tool calls (the tool-use work) are refused by name for now (`tools`). Their place: when a
+  row's tokens complete a call, the engine (model/engine.py, `Row.take`) runs the tool and
+  appends its output to the row as forced tokens, which the decoder feeds at the next step; the
+  chat endpoint streams that output as an event of its own.
 """
 
 from __future__ import annotations
