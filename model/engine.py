@@ -1,6 +1,7 @@
 """Continuous batching: many requests decoded together, each row joining and leaving at any step.
 
-The server (serve/) submits `Request`s; a thread runs `Engine.step` in a loop. At every step
+The server (server/app.py) submits `Request`s; a thread runs `Engine.step` in a loop (`start`;
+a caller without threads can submit and call `step` itself, as tests/test_engine.py does). At every step
 the requests that arrived are admitted (while rows are free), every running row gets one new
 token, and the rows that finished leave; the others never wait for a whole batch to end. Each
 row has its own sequence, position, sampling settings, random generator, stop condition and
