@@ -101,7 +101,7 @@ def servers(chat_ckpt, tmp_path_factory):
     """Two servers, started side by side: the chat model with a key and small limits, and a
     plain model (no chat tokens) that ends running requests at once on SIGTERM."""
     procs = {"chat": launch(chat_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "2",
-                            "--max-tokens", "5000", "--max-body", "4096"),
+                            "--max-tokens", "100000", "--max-body", "4096"),
              "plain": launch(write_checkpoint(tmp_path_factory.mktemp("serve") / "base", chat=False),
                              "--grace", "0", "--max-tokens", "100000")}
     try:
@@ -208,7 +208,7 @@ BAD = [  # (path, body, the parameter named, the code)
     ("/v1/completions", '{"prompt": "a", "temperature": NaN}', None, "invalid_json"),
     ("/v1/completions", '["a"]', None, "invalid_json"),
     ("/v1/completions", '{"prompt": "a", "max_tokens": "5"}', "max_tokens", "invalid_type"),
-    ("/v1/completions", '{"prompt": "a", "max_tokens": 5001}', "max_tokens", "invalid_value"),
+    ("/v1/completions", '{"prompt": "a", "max_tokens": 100001}', "max_tokens", "invalid_value"),
     ("/v1/completions", '{"prompt": "a", "temperature": 2.5}', "temperature", "invalid_value"),
     ("/v1/completions", '{"prompt": "a", "top_p": 0}', "top_p", "invalid_value"),
     ("/v1/completions", '{"prompt": "a", "n": 5}', "n", "invalid_value"),
@@ -267,7 +267,7 @@ def wait_for(predicate, timeout=20.0):
 
 
 def test_full_queue_gets_429_and_disconnects_free_the_rows(server, client):
-    busy = open_stream(server, {"prompt": "A", "max_tokens": 5000, "n": 4})  # every row
+    busy = open_stream(server, {"prompt": "A", "max_tokens": 100000, "n": 4})  # every row, for long enough
     wait_for(lambda: health(server)["running"] == 4)
     queued = [open_stream(server, {"prompt": "B", "max_tokens": 5}) for _ in range(2)]  # the queue's limit
     wait_for(lambda: health(server)["waiting"] == 2)
