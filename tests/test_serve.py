@@ -107,9 +107,11 @@ def servers(chat_ckpt, tmp_path_factory):
     try:
         yield {name: (proc, address(proc)) for name, proc in procs.items()}
     finally:
-        for proc in procs.values():
-            log = stop_server(proc)
-            assert "Traceback" not in log, log
+        logs = {name: stop_server(proc) for name, proc in procs.items()}
+    assert not any("Traceback" in log for log in logs.values()), logs
+    # One line per request: client, method, path, status, prompt+completion tokens, latency.
+    assert re.search(r'^127\.0\.0\.1 "POST /v1/completions" 200 tokens=6\+30 \d+\.\d{3}s$', logs["chat"], re.M)
+    assert re.search(r'^127\.0\.0\.1 "GET /v1/models" 401 tokens=- \d+\.\d{3}s$', logs["chat"], re.M)
 
 
 @pytest.fixture(scope="module")
