@@ -39,6 +39,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import secrets
 import sys
 import threading
@@ -175,7 +176,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.capacity, self.queue_limit = capacity, queue_limit
         self.autocast = autocast
-        self.device = next(model.parameters()).device
+        self.device = next(itertools.chain(model.parameters(), model.buffers())).device  # a counted model has only buffers
         self.decoder: RowsDecoder = model.rows_decoder(capacity)
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
