@@ -304,6 +304,13 @@ def test_full_queue_gets_429_and_disconnects_free_the_rows(server, client):
     assert health(server)["running"] == 4
     busy.close()  # and a running one its rows
     wait_for(lambda: health(server)["running"] == 0)
+    host, port = server.removeprefix("http://").split(":")
+    plain = http.client.HTTPConnection(host, int(port), timeout=60)  # a plain (not streamed) request too
+    plain.request("POST", "/v1/completions", json.dumps({"prompt": "E", "max_tokens": 100000}),
+                  {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    wait_for(lambda: health(server)["running"] == 1)
+    plain.close()
+    wait_for(lambda: health(server)["running"] == 0)
     assert client.completions.create(model="m", prompt="D", max_tokens=5).choices[0].finish_reason == "length"
 
 
