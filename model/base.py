@@ -19,6 +19,10 @@ the optimizer, the distributed wrappers and the converters go through these meth
     model.decoder(...) -> Decoder
         generation state: `next_logits(tokens)` takes the whole sequence so far and feeds the
         model only what it has not seen (a KV cache, a recurrent state, the last n-1 tokens).
+    model.rows_decoder(capacity) -> RowsDecoder
+        generation state for rows that join and leave at any step (continuous batching, the
+        server's engine: model/engine.py). By default one `decoder` per row, stepped one after
+        another; a family opts in to batched steps by overriding it (GPT: model/kv_rows.py).
     model.trainable
         False for a counted model (the n-gram): the loop fits it in one pass, with no optimizer.
     model.vocab_tensors
@@ -129,6 +133,12 @@ class LanguageModel(nn.Module):
         reference the cached path is checked against); decode and max_len are hints a family may
         use (GPT: fixed-shape steps and CUDA graphs, tables sized for max_len positions)."""
         return Recompute(self)
+
+    def rows_decoder(self, capacity: int):
+        """Generation state for up to `capacity` rows that come and go (model/engine.py)."""
+        from model.engine import SeparateRows
+
+        return SeparateRows(self)
 
 
 class Recompute:

@@ -13,7 +13,8 @@ None: the loss is fused with the head's matmul. With kv_caches (one per block), 
 tokens after the `start_pos` tokens already cached. With learned positions start_pos + T must
 fit in block_size; rotary models accept any length (attention then slides over a block_size
 window). start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
-model/kv_cache.py: one captured graph serves every position); the caller then checks the range.
+model/kv_cache.py: one captured graph serves every position), or a (B,) tensor giving each row
+its own position (continuous batching, model/kv_rows.py); the caller then checks the range.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class GPT(LanguageModel):
                              f"(learned positions have no embedding beyond it)")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device) + start_pos)
+            rows = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1  # (B,) -> positions (B, T)
+            x = x + self.wpe(torch.arange(T, device=idx.device) + (start_pos[:, None] if rows else start_pos))
         rotary = self.rotary(start_pos, T) if self.rotary is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
@@ -144,3 +146,8 @@ class GPT(LanguageModel):
         from model.kv_cache import KVDecoder
 
         return KVDecoder(self, use_cache, decode, max_len)
+
+    def rows_decoder(self, capacity: int):
+        from model.kv_rows import KVRows
+
+        return KVRows(self, capacity)

@@ -71,7 +71,12 @@ class Rotary(nn.Module):
             self._build(max(max_len, 2 * self.cos.shape[0]), self.cos.device)
 
     def forward(self, start: int | torch.Tensor, length: int):
-        if isinstance(start, torch.Tensor):  # a captured decode step: positions on the device, tables reserved
+        """(cos, sin) for positions start..start+length: (length, D/2), or (B, 1, length, D/2)
+        when start is a (B,) tensor of per-row positions (broadcast over the heads)."""
+        if isinstance(start, torch.Tensor):  # on the device (a captured step; a position per row): tables reserved
+            if start.dim() == 1:
+                positions = start[:, None] + torch.arange(length, device=self.cos.device)
+                return self.cos[positions][:, None], self.sin[positions][:, None]
             positions = start + torch.arange(length, device=self.cos.device)
             return self.cos[positions], self.sin[positions]
         self.reserve(start + length)
