@@ -24,7 +24,7 @@ Design decisions:
   possessive quantifiers become greedy ones (`{1,3}+` means "repeat" in Oniguruma; in these
   patterns nothing after a quantifier can fail, so giving back never changes a match).
 - The char tokenizer is written as a word-level tokenizer.json that isolates every character and
-  fuses them back when decoding.
+  fuses them back when decoding; exactly that file reads back as the char tokenizer.
 """
 
 from __future__ import annotations
@@ -84,17 +84,23 @@ def unspell(token: str) -> bytes | None:
 
 
 def bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """tiktoken's merging of `token`'s bytes using only ranks below max_rank."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 1:
-        best, at = None, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best):
-                best, at = rank, i
-        if best is None:
-            break
-        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    """tiktoken's merging of `token`'s bytes using only ranks below max_rank: repeatedly join the
+    adjacent pair whose joined bytes rank lowest (the leftmost on a tie)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+
+    def pair_rank(i):
+        rank = ranks.get(parts[i] + parts[i + 1], max_rank)
+        return rank if rank < max_rank else max_rank
+
+    pairs = [pair_rank(i) for i in range(len(parts) - 1)]
+    while pairs and (best := min(pairs)) < max_rank:
+        i = pairs.index(best)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pairs[i]
+        if i < len(pairs):
+            pairs[i] = pair_rank(i)
+        if i > 0:
+            pairs[i - 1] = pair_rank(i - 1)
     return parts
 
 
@@ -146,13 +152,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def read_hf_tokenizer(folder: Path, eos_id: int | None = None) -> TiktokenTokenizer:
-    """The tokenizer a Hugging Face model folder ships, as tiktoken ranks; `eos_id` (config.json's)
-    names the end-of-text token when tokenizer_config.json does not."""
+def read_hf_tokenizer(folder: Path, eos_id: int | None = None) -> TiktokenTokenizer | CharTokenizer:
+    """The tokenizer a Hugging Face model folder ships, as tiktoken ranks (or, for the word-level
+    file a char tokenizer exports as, the char tokenizer); `eos_id` (config.json's) names the
+    end-of-text token when tokenizer_config.json does not."""
     config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     if (folder / "tokenizer.json").is_file():
-        vocab, merges, added, pattern = _read_tokenizer_json(folder / "tokenizer.json")
         where = folder / "tokenizer.json"
+        data = _read_json(where)
+        if (data.get("model") or {}).get("type") == "WordLevel":
+            return _read_char_tokenizer(data, _token_content(config.get("eos_token")), where)
+        vocab, merges, added, pattern = _read_bpe_json(data, where)
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         vocab = _read_json(folder / "vocab.json")
         merges = _read_merges_txt(folder / "merges.txt")
@@ -190,8 +200,16 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _read_tokenizer_json(path: Path):
-    data = _read_json(path)
+def _read_char_tokenizer(data: dict, eos: str | None, path: Path) -> CharTokenizer:
+    vocab = data["model"].get("vocab") or {}
+    chars = sorted(vocab, key=vocab.get)
+    if any(len(c) != 1 for c in chars) or data != _char_tokenizer_json(CharTokenizer("".join(chars))):
+        raise UserError(f"{path}: a word-level tokenizer that is not one token per character; only byte-level BPE "
+                        f"and the char tokenizer convert")
+    return CharTokenizer("".join(chars), eos if eos in vocab else None)
+
+
+def _read_bpe_json(data: dict, path: Path):
     model = data.get("model") or {}
     kind = model.get("type")
     if kind != "BPE":
@@ -360,16 +378,21 @@ def write_hf_tokenizer(tok, folder: Path, max_length: int) -> list[str]:
     return files
 
 
-def gguf_vocab(tok, vocab_rows: int) -> dict:
-    """llama.cpp's tokenizer metadata for a byte-level BPE: model, pre-tokenizer name, tokens (one
-    per embedding row), their types (1 normal, 3 control), merges, and the end-of-text id."""
+def check_gguf_tokenizer(tok):
+    """Refuse a tokenizer llama.cpp has no form for."""
     if not isinstance(tok, TiktokenTokenizer):
         raise UserError("the char tokenizer has no llama.cpp equivalent (its GGUF tokenizers are byte-level BPE or "
                         "SentencePiece); export it with --format hf, or train with a BPE tokenizer")
-    pre = GGUF_PRE_TOKENIZERS.get(tok.pattern)
-    if pre is None:
+    if tok.pattern not in GGUF_PRE_TOKENIZERS:
         raise UserError(f"tokenizer {tok.name}: llama.cpp knows no pre-tokenizer for its split pattern "
                         f"{tok.pattern[:60]!r}...; export it with --format hf")
+
+
+def gguf_vocab(tok, vocab_rows: int) -> dict:
+    """llama.cpp's tokenizer metadata for a byte-level BPE: model, pre-tokenizer name, tokens (one
+    per embedding row), their types (1 normal, 3 control, 5 unused), merges, the end-of-text id."""
+    check_gguf_tokenizer(tok)
+    pre = GGUF_PRE_TOKENIZERS[tok.pattern]
     tokens = [f"[PAD{i}]" for i in range(vocab_rows)]
     types = [5] * vocab_rows  # 5: unused
     for token, rank in tok.ranks.items():

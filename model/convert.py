@@ -173,7 +173,7 @@ def imported_checkpoint(source: str) -> dict:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model_cfg.vocab_size} rows")
-    name = tokenizer.name if tokenizer.name in ("gpt2", "cl100k_base") else "bpe"
+    name = tokenizer.name if tokenizer.name in ("char", "gpt2", "cl100k_base") else "bpe"  # the nearest config name
     config = Config(model=model_cfg, data=DataConfig(tokenizer=name), out_dir="")
     return {"model": state, "config": config.to_dict(), "tokenizer": tokenizer.state(), "iter": 0,
             "converted_from": source}
@@ -248,7 +248,7 @@ def import_model(source: str, out: Path, overwrite: bool = False):
     cfg = ckpt["config"]["model"]
     n = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight" or not cfg["tie_weights"])
     print(f"imported {source}: {n / 1e6:.2f}M parameters, {cfg['n_layer']} layers, {cfg['n_embd']} wide, "
-          f"vocabulary {cfg['vocab_size']}, tokenizer {ckpt['tokenizer']['name']} -> {out}", file=sys.stderr)
+          f"vocabulary {cfg['vocab_size']}, tokenizer {ckpt['config']['data']['tokenizer']} -> {out}", file=sys.stderr)
 
 
 def load_run(run: str):
@@ -272,7 +272,8 @@ def export_hf(cfg, state, tokenizer, folder: Path, dtype: str):
 
     safetensors_torch = require("safetensors.torch", "--format hf")
     config, tensors = hf_from_gpt(cfg, state, tokenizer.vocab_size, tokenizer.eot_id)
-    tensors = {k: t.to(DTYPES[dtype]).contiguous().clone() for k, t in tensors.items()}
+    # one fresh contiguous copy each: safetensors refuses views that share memory (split c_attn, c_fc)
+    tensors = {k: t.to(DTYPES[dtype]).clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
     safetensors_torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config["torch_dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -284,14 +285,16 @@ def export_hf(cfg, state, tokenizer, folder: Path, dtype: str):
 
 def export_gguf(cfg, state, tokenizer, path: Path, dtype: str, name: str):
     require("gguf", "--format gguf")
+    from data.hf_tokenizer import check_gguf_tokenizer
     from model.gguf_export import gguf_architecture, write_gguf
 
     gguf_architecture(cfg)  # refuse before writing anything
+    check_gguf_tokenizer(tokenizer)
+    write_gguf(cfg, state, tokenizer, path, dtype, name)
+    check_gguf(path, cfg)
     if cfg.mlp == "gelu":
         print("note: model.mlp=gelu (exact GELU); llama.cpp's GPT-2 uses the tanh approximation, so its logits "
               "differ slightly (bench/RESULTS.md)", file=sys.stderr)
-    write_gguf(cfg, state, tokenizer, path, dtype, name)
-    check_gguf(path, cfg)
 
 
 def check_gguf(path: Path, cfg):

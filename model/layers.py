@@ -133,7 +133,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (self.head_dim,), eps=self.qk_norm_eps), F.rms_norm(k, (self.head_dim,), eps=self.qk_norm_eps)
+            eps = self.qk_norm_eps
+            q, k = F.rms_norm(q, (self.head_dim,), eps=eps), F.rms_norm(k, (self.head_dim,), eps=eps)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
