@@ -291,21 +291,9 @@ def export_gguf(cfg, state, tokenizer, path: Path, dtype: str, name: str):
     gguf_architecture(cfg)  # refuse before writing anything
     check_gguf_tokenizer(tokenizer)
     write_gguf(cfg, state, tokenizer, path, dtype, name)
-    check_gguf(path, cfg)
     if cfg.mlp == "gelu":
         print("note: model.mlp=gelu (exact GELU); llama.cpp's GPT-2 uses the tanh approximation, so its logits "
               "differ slightly (bench/RESULTS.md)", file=sys.stderr)
-
-
-def check_gguf(path: Path, cfg):
-    """Read the file back: every tensor is there with its shape (values: tests/test_convert.py)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    names = {t.name for t in reader.tensors}
-    expected = {"token_embd.weight", "output_norm.weight"} | {f"blk.{cfg.n_layer - 1}.ffn_down.weight"}
-    if not expected <= names:
-        raise RuntimeError(f"GGUF read-back of {path} lacks {sorted(expected - names)}")
 
 
 def export_model(run: str, out: Path, fmt: str = "hf", dtype: str = "float32", overwrite: bool = False):

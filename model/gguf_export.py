@@ -14,6 +14,11 @@ Design decisions:
 - dtypes: float32 everywhere, or matrices in float16 / bfloat16 / Q8_0 (blocks of 32 int8 with
   one float16 scale) with 1-D tensors (norms, biases) and the position table in float32, as
   llama.cpp's converter does; a matrix whose rows do not split into blocks of 32 stays float32.
+  Q8_0 uses the gguf package's reference quantizer; the float casts are torch's (the package's
+  numpy bfloat16 path is 10x slower, and rounds the same way).
+- `read_gguf_tensors` reads a file back (gguf.GGUFReader), for the tests and the benchmark; the
+  export does not re-read itself: the reader parses every vocabulary entry in Python, which takes
+  longer than writing.
 - The tokenizer is stored as llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`), with the
   pre-tokenizer named by its split pattern (data/hf_tokenizer.py).
 - The file is written by the `gguf` package (the [hf] extra), which llama.cpp maintains.
@@ -144,11 +149,16 @@ def write_gguf(cfg: GPTConfig, state, tokenizer, path, dtype: str = "float32", n
         w.add_bos_token_id(tok["eot_id"])
         w.add_eos_token_id(tok["eot_id"])
     w.add_add_bos_token(False)
+    Q = gguf.GGMLQuantizationType
     for tensor_name, t in gguf_tensors(cfg, state, vocab, arch).items():
         qtype = storage_type(tensor_name, t, dtype)
-        data = gguf.quants.quantize(t.detach().float().contiguous().numpy(), qtype)
-        w.add_tensor(tensor_name, data, raw_dtype=None if qtype in (gguf.GGMLQuantizationType.F32,
-                                                                    gguf.GGMLQuantizationType.F16) else qtype)
+        t = t.detach().contiguous()
+        if qtype == Q.Q8_0:  # llama.cpp's reference quantizer, from the gguf package
+            w.add_tensor(tensor_name, gguf.quants.quantize(t.float().numpy(), qtype), raw_dtype=qtype)
+        elif qtype == Q.BF16:  # torch rounds to nearest even, as ggml does; the bytes go in as they are
+            w.add_tensor(tensor_name, t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), raw_dtype=qtype)
+        else:
+            w.add_tensor(tensor_name, t.to(torch.float16 if qtype == Q.F16 else torch.float32).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -309,11 +309,10 @@ def test_gguf_written_read_back_and_loaded_by_transformers(arch, small_bpe, tmp_
 def test_init_from_imported_run_trains_then_samples(imported, tiny_corpus, tmp_path, capsys):
     run, _, _ = imported["llama"]
     out = tmp_path / "ft"
-    config = tmp_path / "ft.yaml"  # no model keys: the imported model's shape is taken
-    config.write_text("train:\n  batch_size: 4\n  max_iters: 20\n  eval_interval: 20\n  eval_batches: 1\n"
-                      "  log_interval: 5\n  device: cpu\noptim:\n  warmup_iters: 2\n")
-    r = run_py("train.py", config, f"init_from={run}", f"out_dir={out}", f"data.input={tiny_corpus}",
-               f"data.prepared_dir={tmp_path / 'prep'}", "model.dropout=0.0")
+    r = run_py("train.py", "configs/finetune.yaml", f"init_from={run}", f"out_dir={out}", f"data.input={tiny_corpus}",
+               f"data.prepared_dir={tmp_path / 'prep'}", "train.batch_size=4", "train.grad_accum=1",
+               "train.max_iters=20", "train.eval_interval=20", "train.eval_batches=1", "train.log_interval=5",
+               "train.device=cpu", "model.dropout=0.0")
     assert r.returncode == 0, r.stderr
     base, tuned = load_checkpoint(run / "latest.pt"), load_checkpoint(out / "latest.pt")
     assert tuned["iter"] == 20 and tuned["tokenizer"] == base["tokenizer"]
