@@ -1,7 +1,7 @@
 """Measure weight conversion: import and export time and peak memory for a 124M-parameter
 GPT-2-shaped model, and how far each exported format and dtype moves the logits.
 
-Run from the repository root:  python -m bench.convert [--work /tmp/bench-convert]
+Run from the repository root:  python -m bench.convert [--work /tmp/bench-convert] [--only timings|logits|tokenizers]
 
 1. Builds GPT-2 small's shape (12 layers, 768 wide, 12 heads, context 1024, GPT-2's 50,257-token
    vocabulary) with transformers' own random initialisation (no pretrained weights are reachable
@@ -112,8 +112,9 @@ def logits_section(work: Path, batch) -> list[tuple[str, dict]]:
             if fmt == "hf":
                 theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             else:
-                theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                                           n_positions=cfg.model.block_size)
+                # transformers reads gpt2.context_length into n_ctx, not n_positions: say it
+                theirs = transformers.AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=torch.float32, n_positions=cfg.model.block_size)
             rows.append((f"{fmt} {dtype}", compare(base, theirs.eval()(batch).logits.float())))
             del theirs
         from model import build_model
@@ -147,19 +148,7 @@ def tokenizer_section(work: Path) -> list[tuple[str, bool, float, int]]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default="/tmp/bench-convert", help="working folder (the source model is kept)")
-    args = ap.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    from bench.common import machine
-
-    make_source(work / "src")
-    print(f"machine: {machine()}\n")
+def timings(work: Path):
     base = child([])
     print(f"baseline child (python, torch, model.convert imported): peak RSS {base['peak_rss_mb']:.0f} MB, "
           f"{base['command_s']:.1f} s\n")
@@ -175,18 +164,40 @@ def main():
         print(f"| export {fmt} {dtype} | {r['convert_s']:.2f} s | {r['command_s']:.2f} s | {r['peak_rss_mb']:.0f} MB "
               f"| {size:.0f} MB |")
 
-    torch.manual_seed(0)
-    batch = torch.randint(0, 50257, (4, 256))
-    batch[:, 0], batch[:, 100], batch[:, -1] = 50256, 50256, 50256
-    batch[:, 50] = 50255  # the last ordinary id
-    print("\n| logits | max abs diff | mean abs diff | logit std | top-1 agreement |\n| --- | --- | --- | --- | --- |")
-    for name, c in logits_section(work, batch):
-        print(f"| {name} | {c['max_abs']:.2e} | {c['mean_abs']:.2e} | {c['logit_std']:.3f} | "
-              f"{100 * c['top1_agree']:.2f}% |")
 
-    print("\n| tokenizer files | ids equal tiktoken's (1 MB + multilingual) | write time | tokens |\n| --- | --- | --- | --- |")
-    for name, same, write_s, n in tokenizer_section(work):
-        print(f"| {name} | {same} | {write_s:.1f} s | {n:,} |")
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/bench-convert", help="working folder (the source model is kept)")
+    ap.add_argument("--only", choices=("timings", "logits", "tokenizers"),
+                    help="one part (logits needs the exports of a timings run in --work)")
+    args = ap.parse_args()
+    parts = {args.only} if args.only else {"timings", "logits", "tokenizers"}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from bench.common import machine
+
+    make_source(work / "src")
+    print(f"machine: {machine()}\n")
+    if "timings" in parts:
+        timings(work)
+    if "logits" in parts:
+        torch.manual_seed(0)
+        batch = torch.randint(0, 50257, (4, 256))
+        batch[:, 0], batch[:, 100], batch[:, -1] = 50256, 50256, 50256
+        batch[:, 50] = 50255  # the last ordinary id
+        print("\n| logits | max abs diff | mean abs diff | logit std | top-1 agreement |\n"
+              "| --- | --- | --- | --- | --- |")
+        for name, c in logits_section(work, batch):
+            print(f"| {name} | {c['max_abs']:.2e} | {c['mean_abs']:.2e} | {c['logit_std']:.3f} | "
+                  f"{100 * c['top1_agree']:.2f}% |")
+    if "tokenizers" in parts:
+        print("\n| tokenizer files | ids equal tiktoken's (1 MB + multilingual) | write time | tokens |\n"
+              "| --- | --- | --- | --- |")
+        for name, same, write_s, n in tokenizer_section(work):
+            print(f"| {name} | {same} | {write_s:.1f} s | {n:,} |")
 
 
 if __name__ == "__main__":

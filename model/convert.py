@@ -272,8 +272,12 @@ def export_hf(cfg, state, tokenizer, folder: Path, dtype: str):
 
     safetensors_torch = require("safetensors.torch", "--format hf")
     config, tensors = hf_from_gpt(cfg, state, tokenizer.vocab_size, tokenizer.eot_id)
-    # one fresh contiguous copy each: safetensors refuses views that share memory (split c_attn, c_fc)
-    tensors = {k: t.to(DTYPES[dtype]).clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
+    tensors = {k: t.to(DTYPES[dtype]).contiguous() for k, t in tensors.items()}
+    storages = set()
+    for k, t in tensors.items():  # safetensors refuses tensors sharing memory (q, k, v split from c_attn)
+        if t.untyped_storage().data_ptr() in storages:
+            tensors[k] = t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
     safetensors_torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config["torch_dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

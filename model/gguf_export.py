@@ -14,8 +14,8 @@ Design decisions:
 - dtypes: float32 everywhere, or matrices in float16 / bfloat16 / Q8_0 (blocks of 32 int8 with
   one float16 scale) with 1-D tensors (norms, biases) and the position table in float32, as
   llama.cpp's converter does; a matrix whose rows do not split into blocks of 32 stays float32.
-  Q8_0 uses the gguf package's reference quantizer; the float casts are torch's (the package's
-  numpy bfloat16 path is 10x slower, and rounds the same way).
+  Q8_0 uses the gguf package's reference quantizer; the float casts are torch's (the same
+  round-to-nearest-even as the package's numpy path, and much faster for bfloat16).
 - `read_gguf_tensors` reads a file back (gguf.GGUFReader), for the tests and the benchmark; the
   export does not re-read itself: the reader parses every vocabulary entry in Python, which takes
   longer than writing.
