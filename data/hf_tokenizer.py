@@ -163,17 +163,18 @@ def read_hf_tokenizer(folder: Path, eos_id: int | None = None) -> TiktokenTokeni
         if (data.get("model") or {}).get("type") == "WordLevel":
             return _read_char_tokenizer(data, _token_content(config.get("eos_token")), where)
         vocab, merges, added, pattern = _read_bpe_json(data, where)
+        whole_pieces = bool(data["model"].get("ignore_merges"))
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         vocab = _read_json(folder / "vocab.json")
         merges = _read_merges_txt(folder / "merges.txt")
-        added, pattern, where = {}, GPT2_SPLIT_PATTERN, folder / "vocab.json"
+        added, pattern, where, whole_pieces = {}, GPT2_SPLIT_PATTERN, folder / "vocab.json", False
     else:
         raise UserError(f"{folder}: no tokenizer (expected tokenizer.json, or vocab.json + merges.txt); only "
                         f"byte-level BPE tokenizers convert")
     for key, token in (config.get("added_tokens_decoder") or {}).items():
         if _token_content(token) is not None and str(key).isdigit():
             added[_token_content(token)] = int(key)
-    ranks, special = _split_vocab(vocab, merges, added, where)
+    ranks, special = _split_vocab(vocab, merges, added, where, whole_pieces)
     name, known_pattern, known_merges = KNOWN_ENCODINGS.get(ranks_sha256(ranks), ("hf-bpe", None, None))
     if pattern != known_pattern or merges_sha256(merges) != known_merges:
         name = "hf-bpe"
@@ -245,10 +246,12 @@ def _split_pattern(pre: dict | None, path: Path) -> str:
                     f"or Split(Regex) then ByteLevel, without a prefix space)")
 
 
-def _split_vocab(vocab: dict, merges: list[tuple[str, str]], added: dict, where: Path):
+def _split_vocab(vocab: dict, merges: list[tuple[str, str]], added: dict, where: Path, whole_pieces: bool):
     """(ranks, special tokens by id): the ranks are the 256 bytes and what the merges make; every
     other entry (`<|endoftext|>`, added tokens) is a special token, which ordinary text never
-    encodes to, under either library."""
+    encodes to, under either library. Except where the file looks a whole piece up before merging
+    (`ignore_merges`, as tiktoken does): there a byte-level token no merge makes would be reached
+    by the file and not by the ranks, so it is refused."""
     made = set()
     for a, b in merges:
         left, right = unspell(a), unspell(b)
@@ -260,6 +263,9 @@ def _split_vocab(vocab: dict, merges: list[tuple[str, str]], added: dict, where:
         raw = unspell(token) if token not in added else None
         if raw is not None and (len(raw) == 1 or raw in made):
             ranks[raw] = idx
+        elif raw is not None and whole_pieces:
+            raise UserError(f"{where}: token {token!r} (id {idx}) is made by no merge but matched whole "
+                            f"(ignore_merges); tiktoken ranks cannot reproduce it")
         else:
             special[token] = idx
     missing = [b for b in range(256) if bytes([b]) not in ranks]

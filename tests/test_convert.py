@@ -378,6 +378,35 @@ def test_tokenizer_files_give_the_same_ids(kind, tmp_path, hf_gpt2, gpt2_tokeniz
 # Bad input -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("change, words", [
+    ("wordpiece", "a WordPiece tokenizer"),
+    ("byte_fallback", "SentencePiece/WordPiece-style"),
+    ("normalizer", "normalises text first (NFC)"),
+    ("metaspace", "pre_tokenizer Metaspace"),
+    ("merge_order", "merges are not in the order of the ids"),
+    ("missing_byte", "of the 256 byte tokens are missing"),
+])
+def test_unconvertible_tokenizers_are_refused(change, words, small_bpe, tmp_path):
+    data = json.loads((small_bpe / "tokenizer.json").read_text())
+    model = data["model"]
+    if change == "wordpiece":
+        model["type"] = "WordPiece"
+    elif change == "byte_fallback":
+        model["byte_fallback"] = True
+    elif change == "normalizer":
+        data["normalizer"] = {"type": "NFC"}
+    elif change == "metaspace":
+        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always"}
+    elif change == "merge_order":
+        model["merges"][3], model["merges"][4] = model["merges"][4], model["merges"][3]
+    else:
+        del model["vocab"]["Ā"]  # byte 0 in the byte-level alphabet
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        read_hf_tokenizer(tmp_path)
+
+
+
 def test_pickled_code_is_refused_and_never_runs(tmp_path, hf_gpt2):
     folder = tmp_path / "evil"
     folder.mkdir()
