@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common.checks import at_least, choice, in_range, positive
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig
-from model.layers import NORMS, Block, Rotary
+from model.layers import Block, Rotary, make_norm
 from model.loss import linear_cross_entropy
 
 
@@ -44,7 +44,8 @@ class GPTConfig(ModelConfig):
     pos: str = "learned"  # learned | rope
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu | relu2
+    norm_eps: float = 0.0  # the norms' epsilon: 0 = 1e-5 for layernorm, 1e-6 for rmsnorm (QK-norm: the dtype's)
+    mlp: str = "gelu"  # gelu | gelu_tanh (GPT-2's tanh approximation) | swiglu | relu2
     mlp_hidden: int = 0  # MLP width: 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded to 64 (swiglu)
     qk_norm: bool = False  # normalise queries and keys per head before attention
     tie_weights: bool = True  # LM head shares the token embedding matrix
@@ -53,11 +54,11 @@ class GPTConfig(ModelConfig):
     def validate(self):
         super().validate()
         positive(self, "model", "n_layer", "n_head", "n_embd")
-        at_least(self, "model", 0, "n_kv_head", "mlp_hidden", "logit_softcap")
+        at_least(self, "model", 0, "n_kv_head", "mlp_hidden", "logit_softcap", "norm_eps")
         in_range(self, "model", "dropout", 0.0, 1.0, high_open=True)
         choice(self, "model", "pos", ("learned", "rope"))
         choice(self, "model", "norm", ("layernorm", "rmsnorm"))
-        choice(self, "model", "mlp", ("gelu", "swiglu", "relu2"))
+        choice(self, "model", "mlp", ("gelu", "gelu_tanh", "swiglu", "relu2"))
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_kv_head and self.n_head % self.n_kv_head:
@@ -78,7 +79,7 @@ class GPT(LanguageModel):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.block_size) if cfg.pos == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight

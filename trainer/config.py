@@ -144,7 +144,7 @@ class Config:
     out_dir: str = "out"  # run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False  # start afresh even if out_dir already holds a run
-    init_from: str = ""  # start a fresh run from these weights: a run folder or checkpoint file (trainer/init.py)
+    init_from: str = ""  # start afresh from these weights: run folder, checkpoint, HF folder, hf:NAME (trainer/init.py)
 
     given = frozenset()  # not a field: the dotted keys the YAML file or command line set (load_config)
 

@@ -94,7 +94,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 def check_resume_config(cfg: Config, ckpt: dict, log=print):
     """Refuse a resume whose config changes anything but the safe keys, or that has nothing left
     to do; log the safe changes."""
-    saved = flat(ckpt["config"])
+    # Through the schema, so a key added since the checkpoint was written reads as its default.
+    saved = flat(Config.from_dict(ckpt["config"], source=f"{cfg.out_dir} (checkpoint config)").to_dict())
     wanted = flat(cfg.to_dict())
     if wanted.get("model.vocab_size") == 0:  # unresolved: the checkpoint's resolution stands
         wanted["model.vocab_size"] = saved.get("model.vocab_size")
