@@ -80,7 +80,10 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
         meminfo = Path("/proc/meminfo").read_text()
         free = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # the platform does not say: nothing to check against
+            return sys.maxsize, "unknown"
     where = "available RAM"
     headroom = _cgroup_headroom()
     if headroom is not None and headroom < free:

@@ -135,6 +135,8 @@ def check_memory(cfg, rt, d, batch, log=print) -> Estimate:
                         f"or train.memory_check=false to start anyway")
     if est.footprint.peak > (1 - WARN_WITHIN) * est.available:
         log(f"warning: memory is tight: the run {est.summary()}; if it runs out, lower train.batch_size")
+    else:
+        log(f"memory: estimated peak {est.footprint.describe()} of {est.available / GB:.2f} GB ({est.where})")
     return est
 
 
