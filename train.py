@@ -91,7 +91,8 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
     plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # refuses an impossible split early
     if plan_only:  # --dry-run: print the plan (trainer/plan.py), write nothing to out_dir
         dry_run(cfg, rt, d, plan, log=tqdm.write)
-        return shutdown(d)
+        shutdown(d)
+        return None
     if cfg.train.memory_check:  # before the data and the model, so that a run that cannot fit says so first
         check_memory(cfg, rt, d, plan, log=tqdm.write)
     ckpt = open_out_dir(cfg, d)
@@ -192,7 +193,8 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
         if stopping:
             stop.step_finished()  # the grace period was for reaching this point; the save is not cut short
         # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end
-        # (max_iters or the time budget); only checkpoint every ckpt_interval steps and on a signal.
+        # (max_iters or the time budget); only checkpoint every ckpt_interval steps, on the clock
+        # (ckpt_time_interval) and on a signal.
         last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
