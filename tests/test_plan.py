@@ -20,7 +20,7 @@ from trainer.checkpoint import history
 from trainer.config import load_config
 from trainer.dist import Dist, plan_batches
 from trainer.memory import LIMIT_ENV, current_rss_bytes
-from trainer.plan import check_memory
+from trainer.plan import check_memory, estimate_run
 from trainer.runtime import setup_runtime
 from trainrun import make_data, train_args
 
@@ -85,6 +85,18 @@ def test_a_run_that_cannot_fit_stops_first_naming_memory_and_a_fitting_batch(dat
     check_memory(cfg, rt, Dist(), plan_batches(cfg.train, cfg.model.block_size, 1))
     train.main(train_args(data, out, "train.max_iters=2"))
     assert "done: 2 iterations" in capsys.readouterr().out
+
+
+def test_a_run_within_ten_percent_of_the_limit_warns(data, tmp_path, monkeypatch):
+    cfg = load_config(train_args(data, tmp_path)[0], train_args(data, tmp_path)[1:])
+    rt, batch = setup_runtime(cfg.train), plan_batches(cfg.train, cfg.model.block_size, 1)
+    peak = estimate_run(cfg, rt, Dist(), batch).footprint.peak
+    lines = []
+    monkeypatch.setenv(LIMIT_ENV, str(peak * 1.05 / 2**20))
+    check_memory(cfg, rt, Dist(), batch, log=lines.append)
+    monkeypatch.setenv(LIMIT_ENV, str(peak * 1.3 / 2**20))
+    check_memory(cfg, rt, Dist(), batch, log=lines.append)
+    assert lines[0].startswith("warning: memory is tight: the run needs about") and lines[1].startswith("memory: ")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(data, tmp_path, capsys):

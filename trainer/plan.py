@@ -66,10 +66,11 @@ def runtime_baseline(device: torch.device) -> int:
     uses (the libraries map pages on first use); 0 elsewhere (see trainer/footprint.py)."""
     if device.type != "cpu":
         return 0
-    layer = torch.nn.Linear(16, 16)
-    optimizer = torch.optim.AdamW(layer.parameters(), fused=True)
-    layer(torch.randn(4, 16)).square().mean().backward()
-    optimizer.step()
+    with torch.random.fork_rng(devices=[]):  # the run's random streams stay untouched
+        layer = torch.nn.Linear(16, 16)
+        optimizer = torch.optim.AdamW(layer.parameters(), fused=True)
+        layer(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
     return current_rss_bytes()
 
 
