@@ -41,8 +41,8 @@ def main(argv: list[str]):
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
     names = [a for a in argv if a in SHAPES] or list(SHAPES)
     print(f"machine: {machine()}")
-    print(f"| shape | command | estimate (GB) | measured peak (GB) | estimate / measured |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| shape | command | estimate (GB) | measured peak (GB) | estimate / measured |")
+    print("| --- | --- | --- | --- | --- |")
     for name in names:
         config, overrides = SHAPES[name]
         overrides = [*overrides, f"train.device={device}"]

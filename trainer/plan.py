@@ -32,10 +32,17 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from data.loader import TokenSplit, build_loader
+from data.prepare import default_prepared_dir, prepare_data, read_meta
+from data.tokenizer import from_state
 from model import build_model, config_class, padded_vocab
 from trainer.checkpoint import LATEST, find_checkpoint, load_checkpoint
+from trainer.config import Config
 from trainer.footprint import GB, Footprint, estimate_memory
+from trainer.init import explicit_model_keys
 from trainer.memory import available_bytes, current_rss_bytes, peak_memory_mb
+from trainer.optim import build_optimizers
+from trainer.rundir import flat
 
 WARN_WITHIN = 0.10  # warn when the estimate is within this fraction of the available memory
 TIMED_MICRO_STEPS, TIMING_BUDGET_S = 3, 20.0  # the dry run's timing: at most this many, or this long
@@ -75,8 +82,6 @@ def runtime_baseline(device: torch.device) -> int:
 
 
 def planned_vocab(data) -> int:
-    from data.prepare import default_prepared_dir, read_meta
-
     meta = read_meta(Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(data.input, data.tokenizer))
     if meta and meta.get("settings", {}).get("tokenizer") == data.tokenizer:
         return padded_vocab(meta["vocab_size"])
@@ -89,8 +94,6 @@ def planned_model_config(cfg):
     """(the run's model config, vocabulary resolved; the iteration it starts from). A resumed or
     init_from run's model is its checkpoint's; an unreadable checkpoint is left for the run to
     report in its place."""
-    from trainer.init import explicit_model_keys
-
     model_cfg, start = dataclasses.replace(cfg.model), 0
     source = Path(cfg.out_dir) / LATEST if cfg.resume else cfg.init_from
     ckpt = None
@@ -143,12 +146,14 @@ def check_memory(cfg, rt, d, batch, log=print) -> Estimate:
 
 def _fitting_knobs(cfg, rt, d, batch, est: Estimate) -> str:
     """The knobs that would make the run fit, the largest fitting micro-batch named."""
-    def fits(micro_batch, grad_accum=batch.grad_accum, **train_changes) -> bool:
+    sequences = batch.micro_batch * batch.grad_accum  # per rank per step
+
+    def fits(micro_batch, **train_changes) -> bool:
         run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_changes))
-        return _footprint(run, est.model, rt, d, micro_batch, grad_accum, est.footprint.runtime).peak <= est.available
+        accum = max(sequences // micro_batch, 1)
+        return _footprint(run, est.model, rt, d, micro_batch, accum, est.footprint.runtime).peak <= est.available
 
     knobs = []
-    sequences = batch.micro_batch * batch.grad_accum  # per rank per step
     low, high = 0, batch.micro_batch - 1  # memory grows with the micro-batch: bisect for the largest that fits
     while low < high:
         mid = (low + high + 1) // 2
@@ -179,9 +184,6 @@ def _divisors(n: int) -> list[int]:
 
 def config_changes(cfg) -> list[str]:
     """`key=value` for every resolved key that differs from its default."""
-    from trainer.config import Config
-    from trainer.rundir import flat
-
     defaults = flat(Config(model=config_class(cfg.model.arch)()).to_dict())
     return [f"{k}={v}" for k, v in flat(cfg.to_dict()).items() if v != defaults.get(k)]
 
@@ -189,11 +191,6 @@ def config_changes(cfg) -> list[str]:
 def dry_run(cfg, rt, d, batch, log=print):
     """Print the run's plan: what it is, what it needs, how long it would take. Writes nothing
     to out_dir."""
-    from data.loader import TokenSplit, build_loader
-    from data.prepare import prepare_data
-    from data.tokenizer import from_state
-    from trainer.optim import build_optimizers
-
     given = None
     if cfg.init_from and not cfg.resume:  # the source's tokenizer, as the run uses it
         given = from_state(load_checkpoint(find_checkpoint(cfg.init_from), mmap=True)["tokenizer"])
