@@ -75,7 +75,7 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         os.write(self._pipe[1], b"\0")  # tells the watcher to end
-        self._watcher.join()
+        self._watcher.join(5.0)  # a daemon: even a stuck one could not hold the process up
         for fd in self._pipe:
             os.close(fd)
         self._pipe = None
