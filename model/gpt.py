@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common.checks import at_least, choice, in_range, positive
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig
-from model.layers import Block, Rotary, make_norm
+from model.layers import Block, Rotary, make_norm, mlp_width
 from model.loss import linear_cross_entropy
 
 
@@ -142,6 +142,47 @@ class GPT(LanguageModel):
         of values, forward and backward)."""
         c = self.cfg
         return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def activation_bytes(self, batch: int, element_size: int, device_type: str = "cpu", attention: str = "auto",
+                         checkpointing: bool = False) -> int:
+        """What a training forward keeps for backward, per layer and token (in the compute dtype,
+        e bytes, except the residual stream that the norms read, float32), as autograd's saved
+        tensors show it for each variant (tests/test_plan.py checks it against them):
+          attention  norm input and output, q/k/v, the output; rotated (rope) or normalised
+                     (qk_norm) queries and keys once more, 1.5x their width; the kernel's
+                     log-sum-exp per head, or with the math kernel (train.attention=math, or
+                     dropout on CPU) the heads x context scores per token: twice, three times
+                     with dropout
+          MLP        norm input and output; the hidden width twice (gelu and relu2: the
+                     activation's input or output and the down projection's input), four
+                     times for swiglu (gate and up, their product, silu's output)
+          rmsnorm    one more width per norm (F.rms_norm runs decomposed); dropout: one width
+                     per residual dropout
+        Outside the layers: the final norm's input and output. With activation checkpointing
+        each layer keeps its input, and one layer's activations exist at a time in backward."""
+        c, e, r = self.cfg, element_size, 4
+        width, kv, hidden = c.n_embd, (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head), mlp_width(c)
+        math_kernel = attention == "math" or (device_type == "cpu" and c.dropout > 0)
+        attn = r * width + e * (width + (width + 2 * kv) + width)
+        if c.pos == "rope" or c.qk_norm:
+            attn += e * 3 * (width + kv) // 2
+        if math_kernel:
+            attn += c.n_head * c.block_size * e * (3 if c.dropout > 0 else 2)
+        else:
+            attn += c.n_head * 4
+        mlp = r * width + e * width + e * hidden * (4 if c.mlp == "swiglu" else 2)
+        extra = (2 * r * width if c.norm == "rmsnorm" else 0) + (2 * e * width if c.dropout > 0 else 0)
+        layer = attn + mlp + extra
+        outside = r * width + e * width + (r * width if c.norm == "rmsnorm" else 0)
+        layers = c.n_layer * layer if not checkpointing else c.n_layer * r * width + layer
+        return batch * c.block_size * (layers + outside)
+
+    def logits_bytes(self, batch: int, element_size: int, compiled: bool = False) -> int:
+        """Compiled training fuses the head with the loss (model/loss.py): the logits exist only
+        inside it, and what backward needs is their gradient in the compute dtype."""
+        if not compiled:
+            return super().logits_bytes(batch, element_size)
+        return batch * self.cfg.block_size * self.cfg.vocab_size * 2 * element_size
 
     def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0):
         from model.kv_cache import KVDecoder

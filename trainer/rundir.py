@@ -34,7 +34,8 @@ RESUME_SAFE_KEYS = {
     "data.prep_workers", "out_dir", "resume", "overwrite",
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout_s",  # same math, other layout
     "train.ckpt_interval", "train.keep_last", "train.max_time", "train.max_bad_steps", "train.spike_z",
-    "train.spike_window", "train.tensorboard",
+    "train.spike_window", "train.tensorboard", "train.ckpt_time_interval", "train.signal_grace_s",
+    "train.memory_check",
 }
 
 
