@@ -10,9 +10,13 @@ from __future__ import annotations
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig, padded_vocab
 from model.gpt import GPT, GPTConfig
+from model.lstm import LSTM, LSTMConfig
+from model.rwkv import RWKV, RWKVConfig
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[LanguageModel]]] = {
     "gpt": (GPTConfig, GPT),
+    "lstm": (LSTMConfig, LSTM),
+    "rwkv": (RWKVConfig, RWKV),
 }
 
 
