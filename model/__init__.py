@@ -30,5 +30,6 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     return FAMILIES[cfg.arch][1](cfg)
 
 
-__all__ = ["FAMILIES", "GPT", "GPTConfig", "IGNORE", "LanguageModel", "ModelConfig", "build_model", "config_class",
+__all__ = ["FAMILIES", "GPT", "GPTConfig", "IGNORE", "LSTM", "LSTMConfig", "LanguageModel", "ModelConfig", "RWKV",
+           "RWKVConfig", "build_model", "config_class",
            "padded_vocab"]

@@ -59,6 +59,16 @@ class LSTMConfig(ModelConfig):
         in_range(self, "model", "dropout", 0.0, 1.0, high_open=True)
 
 
+class LSTMLayer(nn.LSTM):
+    """One layer. torch returns batch-first output as a transposed view of its time-major result;
+    as a unit's output FSDP warns about views (an in-place op on one would skip its hooks), so it
+    is made contiguous here, which the next layer would do anyway."""
+
+    def forward(self, x, hc=None):
+        out, hc = super().forward(x, hc)
+        return out.contiguous(), hc
+
+
 class LSTM(LanguageModel):
     vocab_tensors = ("wte.weight", "lm_head.weight")
 
@@ -66,8 +76,8 @@ class LSTM(LanguageModel):
         super().__init__(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(nn.LSTM(cfg.n_embd if i == 0 else cfg.n_hidden, cfg.n_hidden, batch_first=True)
-                                    for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(LSTMLayer(cfg.n_embd if i == 0 else cfg.n_hidden, cfg.n_hidden,
+                                              batch_first=True) for i in range(cfg.n_layer))
         head_in = cfg.n_embd if cfg.tie_weights else cfg.n_hidden
         self.proj = nn.Linear(cfg.n_hidden, head_in, bias=False) if head_in != cfg.n_hidden else None
         self.lm_head = nn.Linear(head_in, cfg.vocab_size, bias=False)

@@ -202,7 +202,7 @@ class TimeMix(nn.Module):
         y, s = wkv(heads(self.receptance(xr)), heads(self.key(xk)), heads(self.value(xv)), heads(logw),
                    self.bonus.view(self.n_head, self.head_size), s, self.chunk)
         y = self.ln_x(y.transpose(1, 2).reshape(B * T, C).to(x.dtype)).view(B, T, C)
-        return self.output(y * F.silu(self.gate(xg))), (x[:, -1], s)
+        return self.output(y * F.silu(self.gate(xg))), (x[:, -1].clone(), s)
 
 
 class ChannelMix(nn.Module):
@@ -224,7 +224,7 @@ class ChannelMix(nn.Module):
     def forward(self, x, previous):
         dx = token_shift(x, previous) - x
         k = torch.relu(self.key(x + dx * self.mix_k)).square()
-        return torch.sigmoid(self.receptance(x + dx * self.mix_r)) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(x + dx * self.mix_r)) * self.value(k), x[:, -1].clone()
 
 
 class Block(nn.Module):
