@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.checks import in_range, positive
+from common.checks import at_least, in_range, positive
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig
 from model.recurrent import recurrent_decoder
@@ -78,7 +78,7 @@ class RWKVConfig(ModelConfig):
     def validate(self):
         super().validate()
         positive(self, "model", "n_layer", "n_embd", "head_size", "mix_rank", "decay_rank")
-        in_range(self, "model", "ffn_hidden", 0, math.inf)
+        at_least(self, "model", 0, "ffn_hidden")
         in_range(self, "model", "chunk_size", 1, MAX_CHUNK)
         if self.n_embd % self.head_size:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.head_size={self.head_size}")
