@@ -35,7 +35,7 @@ TINY = {
 }
 RUN = ["model.block_size=32", "train.batch_size=4", "train.grad_accum=2", "train.max_iters=8", "train.eval_interval=4",
        "train.eval_batches=0", "train.log_interval=1", "train.threads=1", "train.device=cpu", "optim.warmup_iters=2",
-       "optim.decay_iters=8"]
+       "optim.decay_iters=8", "optim.optimizer=adamw"]  # FSDP refuses Muon; Muon is tested in process
 
 
 @pytest.fixture(autouse=True, scope="module")
