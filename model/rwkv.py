@@ -164,9 +164,9 @@ class TimeMix(nn.Module):
         ch = torch.arange(C) / C
         self.mix_x = nn.Parameter(1.0 - ch ** fading)
         # Mix coefficients of (decay, key, value, receptance, gate): 0 = this token, 1 = the previous.
-        self.mix = nn.ParameterList([nn.Parameter(1.0 - ch ** fading), nn.Parameter(1.0 - ch ** fading),
-                                     nn.Parameter(1.0 - (ch ** fading + 0.3 * depth)),
-                                     nn.Parameter(1.0 - ch ** (0.5 * fading)), nn.Parameter(1.0 - ch ** (0.5 * fading))])
+        self.mix = nn.ParameterList(nn.Parameter(m) for m in (
+            1.0 - ch ** fading, 1.0 - ch ** fading, 1.0 - (ch ** fading + 0.3 * depth),
+            1.0 - ch ** (0.5 * fading), 1.0 - ch ** (0.5 * fading)))
         self.mix_down = nn.Linear(C, 5 * cfg.mix_rank, bias=False)
         self.mix_up = nn.ModuleList(nn.Linear(cfg.mix_rank, C, bias=False) for _ in range(5))
         n = torch.arange(C) / max(C - 1, 1)
@@ -194,8 +194,10 @@ class TimeMix(nn.Module):
         previous, s = state if state is not None else (None, None)
         dx = token_shift(x, previous) - x
         lora = torch.tanh(self.mix_down(x + dx * self.mix_x)).view(B, T, 5, -1)
-        xw, xk, xv, xr, xg = (x + dx * (mu + up(lora[:, :, i])) for i, (mu, up) in enumerate(zip(self.mix, self.mix_up)))
-        logw = -torch.exp((self.decay + self.decay_up(torch.tanh(self.decay_down(xw)))).clamp(max=math.log(-LOG_DECAY_MIN)))
+        xw, xk, xv, xr, xg = (x + dx * (mu + up(lora[:, :, i]))
+                              for i, (mu, up) in enumerate(zip(self.mix, self.mix_up)))
+        loglog = self.decay + self.decay_up(torch.tanh(self.decay_down(xw)))  # log(-log w)
+        logw = -torch.exp(loglog.clamp(max=math.log(-LOG_DECAY_MIN)))
 
         def heads(t):
             return t.view(B, T, self.n_head, self.head_size).transpose(1, 2)

@@ -21,10 +21,9 @@ from model.recurrent import CarriedState, Recompute
 from model.rwkv import LOG_DECAY_MIN, wkv_chunked, wkv_step
 from tests.test_generate import sample_here
 from trainer.checkpoint import load_checkpoint
-from trainer.config import load_config
+from trainer.config import OptimConfig, load_config
 from trainer.muon import Muon
 from trainer.optim import build_optimizers
-from trainer.config import OptimConfig
 from trainrun import REPO, Forker, make_data, metrics
 
 TINY = {
@@ -176,7 +175,8 @@ def test_chunked_wkv_stays_accurate_in_float32_at_the_decay_bound():
     B, H, T, K = 2, 2, 48, 8
     r, k, v = (torch.randn(B, H, T, K, generator=g, dtype=torch.float64) for _ in range(3))
     logw = torch.where(torch.arange(K) % 2 == 0, LOG_DECAY_MIN, -1e-3).to(torch.float64).expand(B, H, T, K)
-    u, state = torch.randn(H, K, generator=g, dtype=torch.float64), torch.randn(B, H, K, K, generator=g, dtype=torch.float64)
+    u = torch.randn(H, K, generator=g, dtype=torch.float64)
+    state = torch.randn(B, H, K, K, generator=g, dtype=torch.float64)
     want, s = [], state
     for t in range(T):
         y, s = wkv_step(r[:, :, t], k[:, :, t], v[:, :, t], logw[:, :, t], u, s)
