@@ -120,5 +120,5 @@ def test_runs_record_their_peak_memory_and_checkpoint_on_the_clock(data, tmp_pat
                           "train.keep_last=10"))
     assert [p.name for p in history(out)] == [f"ckpt-000000{i}.pt" for i in range(1, 5)]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["peak_mem_mb"] > 50 for row in rows)  # the torch runtime alone is more
+    assert all(row["peak_mem_mb"] > 50 for row in rows if "num_params" not in row)  # the torch runtime alone is more
     assert re.search(r"done: 4 iterations .*; peak memory [\d,]+ MiB", capsys.readouterr().out)
