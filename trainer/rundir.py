@@ -102,6 +102,8 @@ def check_resume_config(cfg: Config, ckpt: dict, log=print):
         wanted["model.vocab_size"] = saved.get("model.vocab_size")
     changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
     unsafe = [k for k in changed if k not in RESUME_SAFE_KEYS]
+    if "model.arch" in unsafe:  # another family: every model key differs, and only this one matters
+        unsafe = ["model.arch"]
     if unsafe:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in unsafe)
         raise UserError(f"cannot resume {cfg.out_dir}: config differs from its checkpoint in {diffs}")
