@@ -10,6 +10,7 @@ import json
 import math
 import random
 import signal
+import threading
 from collections import Counter
 from fractions import Fraction
 from itertools import product
@@ -21,6 +22,7 @@ import torch
 import sample
 import train
 import trainer.count
+import trainer.signals
 from common.errors import UserError
 from model.base import Recompute
 from model.ngram import Ngram, NgramConfig
@@ -207,16 +209,22 @@ def test_an_interrupted_count_resumes_to_the_same_counts(ngram_run, monkeypatch,
     first = load_checkpoint(out / LATEST, for_training=True)
     assert first["iter"] == 0 and first["loader"]["position"] == 5_000 and not (out / BEST).exists()
 
-    chunks = []
-    counting = Ngram.count
+    chunks, received = [], threading.Event()
+    counting, receiving = Ngram.count, trainer.signals.StopRequest._received
 
     def count_then_sigterm(self, tokens, starts):  # a scheduler's SIGTERM during the third chunk
         counting(self, tokens, starts)
         chunks.append(starts)
         if len(chunks) == 3:
             signal.raise_signal(signal.SIGTERM)
+            assert received.wait(10)  # the watcher thread registers it; the loop looks after this chunk
+
+    def received_and_noted(self, sig):
+        receiving(self, sig)
+        received.set()
 
     monkeypatch.setattr(Ngram, "count", count_then_sigterm)
+    monkeypatch.setattr(trainer.signals.StopRequest, "_received", received_and_noted)
     train.main(args(out, "resume=true"))
     assert load_checkpoint(out / LATEST, for_training=True)["loader"]["position"] == 4 * 5_000
     monkeypatch.setattr(Ngram, "count", counting)
