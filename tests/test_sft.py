@@ -227,6 +227,13 @@ def test_a_lora_chat_run_resumes_exactly(sft_run, tmp_path):
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
 
 
+def test_a_lora_chat_run_plans_with_dry_run_and_writes_nothing(sft_run, tmp_path, capsys):
+    out, _, args = sft_run
+    train.main([*args, f"out_dir={tmp_path / 'plan'}", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert "lora.rank=4" in printed and "time:" in printed and not (tmp_path / "plan").exists()
+
+
 def test_merge_gives_the_logits_of_the_unmerged_model(sft_run, tmp_path):
     out, _, _ = sft_run
     convert_main(["merge", str(out), "--out", str(tmp_path / "merged")])

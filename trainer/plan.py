@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from data.loader import TokenSplit, build_loader
+from data.loader import build_loader, open_split
 from data.prepare import default_prepared_dir, prepare_data, read_meta
 from data.tokenizer import from_state
 from model import build_model, config_class, padded_vocab
+from model.lora import add_adapters, chat_token_ids
 from trainer.checkpoint import LATEST, find_checkpoint, load_checkpoint
 from trainer.config import Config
 from trainer.footprint import GB, Footprint, estimate_memory
@@ -90,10 +91,11 @@ def planned_vocab(data) -> int:
     return padded_vocab(ENCODING_VOCAB.get(data.tokenizer, CHAR_VOCAB_GUESS))
 
 
-def planned_model_config(cfg):
+def planned_model_config(cfg, vocab: int = 0):
     """(the run's model config, vocabulary resolved; the iteration it starts from). A resumed or
     init_from run's model is its checkpoint's; an unreadable checkpoint is left for the run to
-    report in its place."""
+    report in its place. `vocab`: the prepared data's vocabulary, when known (an init_from run
+    grows its source's rows to it: the chat tokens)."""
     model_cfg, start = dataclasses.replace(cfg.model), 0
     source = Path(cfg.out_dir) / LATEST if cfg.resume else cfg.init_from
     ckpt = None
@@ -110,12 +112,14 @@ def planned_model_config(cfg):
         model_cfg.vocab_size = model_cfg.vocab_size or saved.get("vocab_size", 0)
         start = ckpt["iter"] if cfg.resume else 0
     model_cfg.vocab_size = model_cfg.vocab_size or planned_vocab(cfg.data)
+    if cfg.init_from and vocab:
+        model_cfg.vocab_size = max(model_cfg.vocab_size, padded_vocab(vocab))
     return model_cfg, start
 
 
-def estimate_run(cfg, rt, d, batch) -> Estimate:
+def estimate_run(cfg, rt, d, batch, vocab: int = 0) -> Estimate:
     """The run's memory estimate against what this rank's device has."""
-    model_cfg, start = planned_model_config(cfg)
+    model_cfg, start = planned_model_config(cfg, vocab)
     with torch.device("meta"):
         model = build_model(model_cfg)
     runtime = runtime_baseline(rt.device)
@@ -195,9 +199,10 @@ def dry_run(cfg, rt, d, batch, log=print):
     if cfg.init_from and not cfg.resume:  # the source's tokenizer, as the run uses it
         given = from_state(load_checkpoint(find_checkpoint(cfg.init_from), mmap=True)["tokenizer"])
     prepared = prepare_data(cfg.data, log=log, tokenizer=given)  # first: the estimate then knows the vocabulary
-    train_data, val_data = TokenSplit(prepared, "train"), TokenSplit(prepared, "val")
-    est = estimate_run(cfg, rt, d, batch)
+    est = estimate_run(cfg, rt, d, batch, read_meta(prepared)["vocab_size"])
     model_cfg = est.model.cfg
+    # Text windows, or chat conversations packed into windows (data/packing.py).
+    train_data, val_data = (open_split(prepared, split, model_cfg.block_size) for split in ("train", "val"))
     steps = cfg.train.max_iters - est.start_iter
     log(f"plan: {' '.join(config_changes(cfg)) or 'the defaults'}")
     log(f"model: {model_cfg.arch}, {est.model.num_params() / 1e6:.2f}M parameters, "
@@ -216,7 +221,9 @@ def dry_run(cfg, rt, d, batch, log=print):
         log("time: a counted model fits in one pass over the data; nothing to time")
         return
 
-    model = build_model(model_cfg).to(rt.device)
+    model = build_model(model_cfg)
+    add_adapters(model, cfg.lora, chat_token_ids(from_state(read_meta(prepared)["tokenizer"])))  # lora.rank > 0
+    model.to(rt.device)
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
     loader = build_loader(cfg.data.sampling, train_data, batch.micro_batch, model_cfg.block_size, cfg.train.seed,
                           rt.device, 0, 1, batch.grad_accum)
