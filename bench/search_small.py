@@ -1,9 +1,16 @@
 """The search for `configs/small.yaml`'s recipe: the best val bits per byte a whole
 `python train.py configs/small.yaml` command reaches in five minutes on this 2-core CPU.
 
-    flock /tmp/quiet.lock python -m bench.search_small time [NAME ...]   # seconds per step, locked
-    nice -n 15 python -m bench.search_small rank [NAME ...] [--parallel 2]  # val_bpb at the fitted steps
-    python -m bench.search_small table                                     # the results as Markdown
+    python -m bench.search_small time [NAME ...]            # seconds per step (under the lock)
+    python -m bench.search_small rank [NAME ...] [--parallel 2]  # val_bpb at the fitted step count
+    python -m bench.search_small table                      # the results as Markdown
+
+On the shared 2-core machine both ran under the lock in a session of their own with its
+autogroup raised: `setsid flock /tmp/quiet.lock bash -c 'echo -15 > /proc/self/autogroup;
+python -m bench.search_small ...'` (the kernel shares the CPU between sessions before `nice`
+applies, so a niced run of another session slows a timing run as much as an un-niced one, and a
+niced search run gets a few percent of a core). Under the lock, `rank`'s wall time is the whole
+command's.
 
 Design decisions:
 - A time budget (`train.max_time`) measured on a shared machine is wrong twice: the steps a
