@@ -5,7 +5,7 @@ Shakespeare for the same wall-time budget on this machine, in one table and one 
 
 Writes HISTORY.md (each model's parameters, val bits per byte, wall time and a 200-character
 sample from the same prompt, with the command, machine and date) and history.png (val bits per
-character against wall time: compare.py's plot) into --out. The runs stay in out/history/, so
+byte against wall time: compare.py's plot) into --out. The runs stay in out/history/, so
 `python compare.py out/history/*` and `python sample.py --ckpt out/history/NAME` work on them.
 
 Design decisions:
@@ -16,7 +16,8 @@ Design decisions:
 - The budget is train.py's own `train.max_time`: the training loop and its periodic evaluations,
   not interpreter start-up or the final evaluation over the whole val split, which is the figure
   reported. The configs' learning-rate schedules count steps, so a budget shorter than a config's
-  `train.max_iters` stops it before its decay ends.
+  `train.max_iters` stops it before its decay ends, and a config whose steps end sooner uses less
+  than the budget (bench/RESULTS.md gives the LSTM and RWKV the budget's steps by hand).
 - The n-gram has no budget to spend: it counts the train split once. Orders 1 to 8 each get a
   run (counting is fast); the table shows n=2 and n=4 (the classic examples: babble, then words)
   and the order with the lowest val bits, which is chosen on the split it is scored on.
