@@ -3,7 +3,7 @@ over the whole val split) as a new user runs it.
 
     python bench/small.py [key=value ...]
 
-Prints the wall time of the whole command and the final val loss (nats per character).
+Prints the wall time of the whole command and the final val bits per byte (and loss, nats per token).
 """
 
 import sys
@@ -20,7 +20,7 @@ def main():
     final = [r for r in run["rows"] if r.get("val_loss") is not None][-1]
     print(f"machine: {machine()}")
     print(f"configs/small.yaml {' '.join(overrides)}".strip())
-    print(f"wall time {run['wall_s']:.1f} s, final val loss {final['val_loss']:.4f} "
+    print(f"wall time {run['wall_s']:.1f} s, final val_bpb {final['val_bpb']:.4f}, val loss {final['val_loss']:.4f} "
           f"(whole val split, iter {final['iter']})")
 
 

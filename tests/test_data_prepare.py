@@ -283,7 +283,7 @@ def test_corpus_shorter_than_a_context_window(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("just a few words of text")
     with pytest.raises(SystemExit) as exit_info:
         train.main([str(REPO / "configs" / "small.yaml"), f"data.input={tmp_path / 'short.txt'}", f"out_dir={tmp_path / 'run'}",
-                    f"data.prepared_dir={tmp_path / 'prep'}", "model.block_size=64"])
+                    f"data.prepared_dir={tmp_path / 'prep'}", "model.block_size=64", "data.tokenizer=char"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fewer than one context window" in err[0] and "block_size=64" in err[0]

@@ -28,7 +28,7 @@ from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, BLOCK = 4, 32
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"model.block_size={BLOCK}",
+TINY = ["data.tokenizer=char", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"model.block_size={BLOCK}",
         f"train.batch_size={BATCH}", f"train.tokens_per_step={4 * BATCH * BLOCK}", "train.eval_interval=3",
         "train.eval_batches=2", "train.log_interval=1", "train.device=cpu", "optim.warmup_iters=2",
         "optim.decay_iters=6", "optim.optimizer=adamw"]  # Muon would refuse FSDP

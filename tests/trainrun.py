@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS_CHARS = 30_000
 
 TINY = [
-    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.1",
+    "data.tokenizer=char", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.1",
     "train.batch_size=4", "train.grad_accum=2", "train.max_iters=60", "train.eval_interval=10",
     "train.eval_batches=2", "train.log_interval=1", "train.threads=1", "train.device=cpu", "optim.warmup_iters=5",
 ]
