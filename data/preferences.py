@@ -134,6 +134,7 @@ class PreferenceSplit:
         for r, (t, m) in enumerate(rows):
             tokens[r, :len(t)] = t
             targets[r, :len(t)] = np.where(m, t, IGNORE)
+        device = torch.device(device)
         return to_device(tokens[:, :-1], device), to_device(targets[:, 1:], device)
 
 
