@@ -112,13 +112,15 @@ class CharTokenizer:
 class TiktokenTokenizer:
     """A byte-level BPE in tiktoken's format: an OpenAI encoding or one trained by `data/bpe.py`."""
 
-    def __init__(self, name: str, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
+    def __init__(self, name: str, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
+                 eot: str = EOT):
         import tiktoken
 
         self.name, self.ranks, self.pattern, self.special_tokens = name, ranks, pattern, dict(special_tokens)
+        self.eot = eot  # the special token that ends a document (an imported tokenizer may name it otherwise)
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.vocab_size = self.enc.n_vocab
-        self.eot_id = self.special_tokens.get(EOT)
+        self.eot_id = self.special_tokens.get(eot)
 
     @classmethod
     def openai(cls, name: str) -> "TiktokenTokenizer":
@@ -171,8 +173,11 @@ class TiktokenTokenizer:
     def state(self) -> dict:
         from data.bpe import ranks_to_text
 
-        return {"kind": "tiktoken", "name": self.name, "pattern": self.pattern,
-                "special_tokens": dict(self.special_tokens), "ranks": ranks_to_text(self.ranks)}
+        state = {"kind": "tiktoken", "name": self.name, "pattern": self.pattern,
+                 "special_tokens": dict(self.special_tokens), "ranks": ranks_to_text(self.ranks)}
+        if self.eot != EOT:
+            state["eot"] = self.eot
+        return state
 
 
 def build_tokenizer(name: str, text: str | Iterable[str] | None = None, bpe_vocab_size: int = 4096,
@@ -213,7 +218,7 @@ def from_state(state: dict):
         from data.bpe import ranks_from_text
 
         return TiktokenTokenizer(state["name"], ranks_from_text(state["ranks"]), state["pattern"],
-                                 state["special_tokens"])
+                                 state["special_tokens"], state.get("eot", EOT))
     if kind == "tiktoken":  # a name only, as the first format stored: needs tiktoken's cache
         return TiktokenTokenizer.openai(state["name"])
     raise UserError(f"unknown tokenizer state {str(state)[:200]}")

@@ -142,22 +142,39 @@ def _replace(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def add_adapters(model: nn.Module, lora, token_ids: list[int] = ()):
-    """Freeze `model` and give it adapters as `lora` (trainer/config.py LoraConfig) says, plus
-    trainable rows for `token_ids` in its vocabulary tensors. Nothing happens when lora.rank is 0."""
-    if not lora.rank:
-        return
-    arch = model.cfg.arch
-    targets = model.lora_targets()
+def refuse_targets(model: nn.Module, lora):
+    """UserError (one line) when `model` lacks a projection kind `lora.targets` names (the
+    recurrent and counted families have none), or when a head adapter would be tied."""
+    arch, targets = model.cfg.arch, model.lora_targets()
     for kind in lora.targets:
         if kind not in targets:
-            raise UserError(f"lora.targets: model.arch={arch} has no {kind!r} projections to adapt "
-                            f"(it has: {', '.join(targets) or 'none'})")
+            raise UserError(f"lora.rank={lora.rank}: model.arch={arch} has no {kind!r} projections to adapt "
+                            f"(it has: {', '.join(targets) or 'none'}); LoRA needs lora.targets among them")
     vocab_modules = [name.removesuffix(".weight") for name in model.vocab_tensors]
     tied = len({id(model.get_submodule(m).weight) for m in vocab_modules}) < len(vocab_modules)
     if "head" in lora.targets and tied:
         raise UserError("lora.targets: the head is tied to the token embedding (model.tie_weights=true), so a "
                         "head adapter would change the embedding too when merged; leave head out")
+
+
+def check_adapters(model_cfg, lora):
+    """Refuse impossible LoRA options from the model config alone (a model built on the meta
+    device), before a run claims its folder or prepares data."""
+    if lora.rank:
+        from model import build_model
+
+        with torch.device("meta"):
+            refuse_targets(build_model(model_cfg), lora)
+
+
+def add_adapters(model: nn.Module, lora, token_ids: list[int] = ()):
+    """Freeze `model` and give it adapters as `lora` (trainer/config.py LoraConfig) says, plus
+    trainable rows for `token_ids` in its vocabulary tensors. Nothing happens when lora.rank is 0."""
+    if not lora.rank:
+        return
+    refuse_targets(model, lora)
+    arch, targets = model.cfg.arch, model.lora_targets()
+    vocab_modules = [name.removesuffix(".weight") for name in model.vocab_tensors]
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = {name for kind in lora.targets for name in targets[kind]}

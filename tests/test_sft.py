@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -124,14 +125,12 @@ def test_lora_on_a_tied_head_shares_the_token_rows_and_refuses_a_head_adapter():
     assert model.wte.weight is model.lm_head.weight and torch.allclose(model(x)[0], before, atol=1e-5)
 
 
-def test_lora_refuses_projections_the_family_lacks_by_name():
-    class Plain(GPT):
-        def lora_targets(self):
-            return {}
-
-    model = Plain(GPTConfig(vocab_size=24, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    with pytest.raises(UserError, match=r"model.arch=gpt has no 'attn' projections to adapt \(it has: none\)"):
-        add_adapters(model, LoraConfig(rank=2, targets=["attn"]))
+@pytest.mark.parametrize("arch", ["lstm", "rwkv", "ngram"])
+def test_lora_on_a_family_without_projections_is_refused_by_name_before_the_run_starts(arch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main([f"configs/{arch}.yaml", "lora.rank=4", "train.device=cpu", f"out_dir={tmp_path / 'run'}"])
+    assert exit_.value.code == 2 and not (tmp_path / "run").exists()
+    assert f"model.arch={arch} has no 'attn' projections to adapt (it has: none)" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"no 'conv' projections to adapt \(it has: attn, mlp, head\)"):
         add_adapters(tiny_gpt(), LoraConfig(rank=2, targets=["conv"]))
 
@@ -196,15 +195,16 @@ def sft_run(tiny_run, tmp_path_factory):
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = root / "lora"
-    train.main(["configs/sft.yaml", f"init_from={tiny_run}", f"data.input={data}", f"data.prepared_dir={root / 'prep'}",
-                "data.val_fraction=0.1", "lora.rank=4", "lora.targets=[attn,mlp,head]", "train.max_iters=6",
-                "train.eval_interval=3", "train.eval_batches=1", "train.batch_size=4", "train.device=cpu",
-                f"out_dir={out}"])  # in-process: a fresh interpreter would cost more than the run
-    return out, data
+    args = ["configs/sft.yaml", f"init_from={tiny_run}", f"data.input={data}", f"data.prepared_dir={root / 'prep'}",
+            "data.val_fraction=0.1", "lora.rank=4", "lora.targets=[attn,mlp,head]", "train.max_iters=6",
+            "train.eval_interval=3", "train.eval_batches=1", "train.batch_size=4", "train.device=cpu",
+            "train.keep_last=2"]
+    train.main([*args, f"out_dir={out}"])  # in-process: a fresh interpreter costs more than the run
+    return out, data, args
 
 
 def test_a_lora_run_changes_only_its_adapters_and_new_token_rows(sft_run, tiny_run):
-    out, _ = sft_run
+    out, _, _ = sft_run
     ckpt, base = load_checkpoint(out / "latest.pt"), load_checkpoint(tiny_run / "best.pt")
     assert ckpt["config"]["init_from"] == str(tiny_run)  # the reference to the base
     adapters = {k for k in ckpt["model"] if ".lora_" in k or k.endswith("token_rows")}
@@ -216,8 +216,26 @@ def test_a_lora_run_changes_only_its_adapters_and_new_token_rows(sft_run, tiny_r
     assert {p for group in ckpt["optimizer"]["param_groups"] for p in group["params"]} == adapters
 
 
+def test_a_lora_chat_run_resumes_exactly(sft_run, tmp_path):
+    out, _, args = sft_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.copy(again / "ckpt-0000003.pt", again / "latest.pt")  # as if stopped at step 3
+    train.main([*args, f"out_dir={again}", "resume=true"])  # the same command again, init_from included
+    resumed, straight = load_checkpoint(again / "latest.pt"), load_checkpoint(out / "latest.pt")
+    assert resumed["iter"] == straight["iter"] == 6 and resumed["loader"] == straight["loader"]
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+
+
+def test_a_lora_chat_run_plans_with_dry_run_and_writes_nothing(sft_run, tmp_path, capsys):
+    out, _, args = sft_run
+    train.main([*args, f"out_dir={tmp_path / 'plan'}", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert "lora.rank=4" in printed and "time:" in printed and not (tmp_path / "plan").exists()
+
+
 def test_merge_gives_the_logits_of_the_unmerged_model(sft_run, tmp_path):
-    out, _ = sft_run
+    out, _, _ = sft_run
     convert_main(["merge", str(out), "--out", str(tmp_path / "merged")])
     merged, tok, cfg, _ = load_model(tmp_path / "merged")
     lora, _, _, _ = load_model(out)
@@ -230,7 +248,7 @@ def test_merge_gives_the_logits_of_the_unmerged_model(sft_run, tmp_path):
 
 
 def test_the_chat_repl_over_a_pipe(sft_run, capsys, monkeypatch):
-    out, _ = sft_run
+    out, _, _ = sft_run
     args = ["--ckpt", str(out), "--chat", "--device", "cpu", "--max-new-tokens", "6", "--system", "be kind",
             "--temperature", "0"]
     full = run_py("sample.py", *args, input="the king sat\nhis throne\n/reset\nand spoke\n/exit\n" + "spoke " * 20)
@@ -245,7 +263,7 @@ def test_the_chat_repl_over_a_pipe(sft_run, capsys, monkeypatch):
 
 
 def test_a_chat_checkpoint_samples_plain_text_and_chat_needs_chat_tokens(sft_run, tiny_run, capsys):
-    out, data = sft_run
+    out, data, _ = sft_run
     sample.main(["--ckpt", str(out), "--prompt", "the king", "--max-new-tokens", "5", "--device", "cpu"])
     assert capsys.readouterr().out.startswith("the king")
     with pytest.raises(SystemExit) as exit_:
