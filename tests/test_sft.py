@@ -20,7 +20,7 @@ from chat.template import ChatTemplate
 from common.errors import UserError
 from data.tokenizer import CharTokenizer, with_chat_tokens
 from model import IGNORE, GPT, GPTConfig
-from model.convert import main as convert_main
+from model.convert import load_run, main as convert_main
 from model.lora import add_adapters
 from tests.conftest import run_py
 from trainer.checkpoint import load_checkpoint, load_model
@@ -245,6 +245,9 @@ def test_merge_gives_the_logits_of_the_unmerged_model(sft_run, tmp_path):
     assert torch.allclose(merged(x)[0], lora(x)[0], atol=1e-5)
     with pytest.raises(SystemExit):  # never over an existing checkpoint
         convert_main(["merge", str(out), "--out", str(tmp_path / "merged")])
+    exported, merged_state = load_run(str(out))[1], load_run(str(tmp_path / "merged"))[1]  # export merges too
+    assert exported.keys() == merged_state.keys()
+    assert all(torch.equal(exported[k], merged_state[k]) for k in exported)
 
 
 def test_the_chat_repl_over_a_pipe(sft_run, capsys, monkeypatch):
