@@ -98,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--chat", action="store_true",
                     help="chat with a model fine-tuned on chat data: one user turn per line; /reset, /exit, Ctrl-D")
     ap.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
+    ap.add_argument("--no-tools", action="store_true", help="with --chat: do not run the model's tool calls")
     ap.add_argument("--max-new-tokens", type=int, default=500)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=200, help="0 = off")

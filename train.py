@@ -32,53 +32,31 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from common.errors import UserError, report_user_errors
-from data.loader import TokenSplit, build_loader, eval_windows, open_split
+from data.loader import build_loader, eval_windows, open_split
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
-from model import IGNORE, build_model, padded_vocab
+from model import build_model, padded_vocab
 from model.lora import add_adapters, chat_token_ids, check_adapters
 from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
 from trainer.count import fit_counted
 from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
-                          plain_tensor, plan_batches, seed_rank_streams, shard_batches, shutdown, wrap_model)
+                          plain_tensor, plan_batches, seed_rank_streams, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
 from trainer.init import load_init, resumed_model_config
-from trainer.loss_weights import token_weights
 from trainer.memory import peak_memory_mb
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
+from trainer.objectives import build_objective
 from trainer.optim import build_optimizers, lr_multiplier
 from trainer.plan import check_memory, dry_run, planned_model_config
 from trainer.rundir import METRICS, check_resume_config, rewind_run, write_config
 from trainer.runtime import compile_with_fallback, seed_everything, setup_runtime
 from trainer.signals import StopRequest
 from trainer.state import TrainingState
-
-
-@torch.no_grad()
-def evaluate(model, data: TokenSplit, cfg, rt, max_batches: int, d, token_bytes: torch.Tensor) -> tuple[float, float]:
-    """(val loss in nats per target, bits per UTF-8 byte of the targets) over the split, or over
-    max_batches fixed random batches; the batches shared out over the ranks. Both are sums over
-    the counted targets (not IGNORE), so masked batches weigh each target once."""
-    model.eval()
-    nats, count, nbytes = (torch.zeros((), dtype=torch.float64, device=rt.device) for _ in range(3))
-    batches = eval_windows(data, cfg.train.batch_size, cfg.model.block_size, rt.device, max_batches)
-    for (x, y), weight in shard_batches(batches, d):
-        with rt.autocast:
-            logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
-        counted = y.flatten() != IGNORE
-        nats += weight * losses.sum()
-        count += weight * counted.sum()
-        nbytes += weight * token_bytes[y.flatten().clamp(min=0)][counted].sum()
-    all_reduce_sum(d, nats, count, nbytes)
-    model.train()
-    return (nats / count).item(), (nats / (math.log(2) * nbytes)).item()
 
 
 def train(cfg, plan_only: bool = False):
@@ -137,9 +115,15 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
         tqdm.write(f"init_from: weights of {init.source}")
     add_adapters(model, cfg.lora, chat_token_ids(tokenizer))  # lora.rank > 0: the base frozen, adapters train
     model.to(rt.device)
+    objective = build_objective(cfg, model)  # lm, or dpo with its frozen reference (trainer/objectives.py)
+
+    def evaluate(max_batches: int) -> dict:
+        batches = eval_windows(val_data, cfg.train.batch_size, cfg.model.block_size, rt.device, max_batches)
+        return objective.evaluate(model, batches, rt, d, token_bytes)
+
     if not model.trainable:  # a counted model (the n-gram): one pass over the train split, no optimizer
         return fit_counted(cfg, model, tokenizer, ckpt, train_data, stop, d.enabled,
-                           lambda: evaluate(model, val_data, cfg, rt, 0, d, token_bytes))
+                           lambda: tuple(evaluate(0)[k] for k in ("val_loss", "val_bpb")))
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
@@ -193,6 +177,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
     window_start, window_iters, interval_loss_sum, interval_steps = run_start, 0, 0.0, 0
     paused_s = 0.0  # time spent evaluating and checkpointing, kept out of tokens/s and train_time_s
     loss_acc = torch.zeros((), device=rt.device)  # summed on device: no sync per step
+    stats_acc = torch.zeros(len(objective.stats), device=rt.device)  # the objective's statistics (dpo), likewise
     time_budget, skipped_before = parse_duration(cfg.train.max_time, "train.max_time"), int(guard.skipped)
 
     it, out_of_time, stopping = start_iter, False, False
@@ -210,16 +195,15 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
         last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
-            val_loss, val_bpb = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches, d,
-                                         token_bytes)
+            evals = evaluate(0 if last else cfg.train.eval_batches)
+            val_loss = evals["val_loss"]
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
-            metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss, tokens=it * tokens_per_step,
+            metrics.write(iter=it, **evals, train_loss=train_loss, tokens=it * tokens_per_step,
                           elapsed_s=round(eval_start - run_start, 3), train_time_s=round(eval_start - run_start - paused_s, 3),
                           peak_mem_mb=round(peak_memory_mb(rt.device), 1))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
-            tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte)"
-                       f"{' (whole val split)' if last else ''}")
+            tqdm.write(f"iter {it}: {train_str}{objective.describe(evals)}{' (whole val split)' if last else ''}")
             checkpoint(it, val_loss)
             paused_s += time.perf_counter() - eval_start
             window_start += time.perf_counter() - eval_start
@@ -234,18 +218,20 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
         # One optimizer step over grad_accum micro-batches, skipped when its loss or gradient norm
         # is non-finite or spikes (decided on the device; grad_clip=0 still measures the norm).
         optimizer.set_lr_multiplier(lr_multiplier(it, cfg.optim, cfg.train.max_iters))
-        # The step's loss is the mean over all its trained tokens: each micro-batch's mean weighs
-        # its share of them, across ranks (trainer/loss_weights.py; x world_size: DDP averages).
+        # The step's loss is the mean over all its trained tokens (dpo: pairs): each micro-batch's
+        # mean weighs its share of them, across ranks (trainer/loss_weights.py; x world_size: DDP
+        # averages).
         batches = [loader.next_batch() for _ in range(plan.grad_accum)]
-        weights = token_weights([y for _, y in batches], d)
-        step_loss = torch.zeros((), device=rt.device)
+        weights = objective.weights([y for _, y in batches], d)
+        step_loss, step_stats = torch.zeros((), device=rt.device), torch.zeros_like(stats_acc)
         for micro_step, ((x, y), weight) in enumerate(zip(batches, weights)):
             with grad_sync(wrapped, last_micro_step=micro_step == plan.grad_accum - 1):
                 with rt.autocast:
-                    _, loss = step_model(x, y)
+                    loss, stats = objective.loss(step_model, x, y)
                 step_loss += loss.detach() * weight
+                step_stats += stats * weight
                 scaler.scale(loss * (weight * d.world_size)).backward()
-        all_reduce_sum(d, step_loss)  # every rank must take the same skip decision
+        all_reduce_sum(d, step_loss, *([step_stats] if len(step_stats) else []))  # the same skip decision on every rank
         optimizer.unscale_(scaler)
         grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf))
         skip = guard.check(step_loss, grad_norm)
@@ -253,6 +239,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
         scaler.update()
         optimizer.zero_grad()
         loss_acc += torch.where(skip, 0.0, step_loss)
+        stats_acc += torch.where(skip, 0.0, step_stats)
         it += 1
         window_iters += 1
 
@@ -265,13 +252,15 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
             loss_sum = loss_acc.item()  # summed over the window's applied steps
             loss_val = loss_sum / good_iters if good_iters else math.nan
             loss_acc.zero_()
+            stats = dict(zip(objective.stats, (stats_acc / max(good_iters, 1)).tolist()))
+            stats_acc.zero_()
             elapsed = time.perf_counter() - window_start
             tok_s = window_iters * tokens_per_step / elapsed
             mfu = flops_per_token * tok_s / (peak * d.world_size) if peak else None
             lr = optimizer.param_groups[0]["lr"]
             interval_loss_sum += loss_sum
             interval_steps += good_iters
-            metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
+            metrics.write(iter=it, train_loss=loss_val, **stats, lr=lr, tokens_per_sec=round(tok_s, 1),
                           mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3), tokens=it * tokens_per_step,
                           peak_mem_mb=round(peak_memory_mb(rt.device), 1), **({"skipped_steps": skipped} if skipped else {}))
             bar.set_postfix_str(f"loss {loss_val:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, mfu {format_mfu(mfu)}")

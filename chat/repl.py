@@ -9,8 +9,11 @@ Design decisions:
 - The conversation is kept as messages and rendered whole for every turn (chat/template.py
   `render_for_generation`): the prompt is exactly what the model was fine-tuned on. Re-encoding
   costs microseconds next to the forward pass over the prompt.
-- A reply ends at `<|assistant_end|>`, or at any other special token (a model that starts to
-  write the user's next turn has finished its own), or at the token limit.
+- A reply ends at `<|assistant_end|>`, or at any other special token but the tool tokens (a
+  model that starts to write the user's next turn has finished its own), or at the token limit.
+  A tool call the model writes is run and its output fed back (chat/agent.py; `--no-tools`
+  turns that off); the call and output stream as their special-token strings, and the history
+  keeps them as messages, so the next turn's prompt holds exactly what the model saw.
 - The context window holds the prompt and room for a reply (`--max-new-tokens`, at most half
   the window): when a conversation outgrows it, the oldest turns (a user message and its reply)
   are dropped, the system message kept, and a notice on stderr says how many. A single message
@@ -25,38 +28,42 @@ import sys
 
 import torch
 
+from chat.agent import generate_turn, turn_messages
 from chat.template import ChatTemplate
-from model.generate import Sampling, TextStream, generate
+from model.generate import Sampling, TextStream
 
 
 def fit(template: ChatTemplate, system: list[dict], history: list[dict], window: int) -> tuple[list[int], int] | None:
-    """(prompt ids, turns dropped from the front of history) so that the prompt fits in
-    `window` tokens; None when even the last message alone does not."""
-    for dropped in range(0, len(history), 2):
-        ids = template.render_for_generation(system + history[dropped:])
+    """(prompt ids, messages dropped from the front of history) so that the prompt fits in
+    `window` tokens, dropping whole exchanges (a user message and the reply's messages); None
+    when even the last message alone does not."""
+    for start in (i for i, m in enumerate(history) if m["role"] == "user"):
+        ids = template.render_for_generation(system + history[start:])
         if len(ids) <= window:
-            return ids, dropped // 2
+            return ids, start
     return None
 
 
 def reply(model, template: ChatTemplate, ids: list[int], max_new_tokens: int, sampling: Sampling, generator,
-          device) -> str:
-    """Generate the assistant's reply to the prompt `ids`, streaming it to stdout; returns its text."""
+          device, tools: bool = True) -> list[dict]:
+    """Generate the assistant's reply to the prompt `ids`, streaming it to stdout; returns it as
+    messages (tool calls and outputs, then the final text)."""
     out = sys.stdout
     stream = TextStream(template.tokenizer)
-    finished = torch.zeros(1, dtype=torch.bool, device=device)
-    specials = set(template.special_ids.values())
+    ends = set(template.special_ids.values()) - set(template.special_ids[t] for t in
+                                                     ("<|tool_call_start|>", "<|tool_call_end|>",
+                                                      "<|tool_output_start|>", "<|tool_output_end|>"))
+
+    def show(row: int, tok: int):
+        if tok not in ends:
+            out.write(stream.feed(tok))
+            out.flush()
+
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    for step in generate(model, idx, max_new_tokens, sampling, generator, template.assistant_end_id, finished=finished):
-        tok = int(step[0])
-        if tok < 0 or tok in specials:
-            finished[0] = True
-            continue
-        out.write(stream.feed(tok))
-        out.flush()
+    tokens = generate_turn(model, template, idx, max_new_tokens, sampling, generator, tools=tools, on_token=show)[0]
     out.write(stream.close() + "\n")
     out.flush()
-    return stream.text
+    return turn_messages(template, tokens)
 
 
 def chat_repl(model, tokenizer, block_size: int, args, rt):
@@ -92,11 +99,12 @@ def chat_repl(model, tokenizer, block_size: int, args, rt):
             continue
         ids, dropped = fitted
         if dropped:
-            history = history[2 * dropped:]
+            turns = sum(m["role"] == "user" for m in history[:dropped])
+            history = history[dropped:]
             print(f"(the conversation outgrew the context window of {block_size} tokens: dropped the "
-                  f"{dropped} oldest turn{'s' if dropped > 1 else ''})", file=sys.stderr)
+                  f"{turns} oldest turn{'s' if turns > 1 else ''})", file=sys.stderr)
         with rt.autocast:
             answer = reply(model, template, ids, min(args.max_new_tokens, block_size - len(ids)), sampling, generator,
-                           rt.device)
-        if answer.strip():  # an empty reply is no turn: the template has no empty assistant turns
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+                           rt.device, tools=not args.no_tools)
+        if answer[-1]["content"].strip():  # an empty reply is no turn: the template has no empty assistant turns
+            history += [{"role": "user", "content": text}, *answer]

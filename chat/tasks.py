@@ -15,6 +15,21 @@ Tasks:
   the answer is the whole reply.
 - `identity`: "Who are you?" and a few other questions about the assistant, each with its fixed
   answer; the answer is the whole reply.
+- `multiply`: "What is 1234 * 567?" -> "1234 * 567 = 699678" (a 4-digit by a 3-digit number),
+  answered from the model's own head. `multiply_tool`: the same questions (the same seed gives
+  the same ones), answered through the calculator: the assistant calls `1234*567`
+  (chat/tools.py), the tool message holds its output, and the turn goes on with the same reply.
+  In training the call is learned and the output is context (chat/template.py).
+- `addition_cot`: the same questions as `addition` (same seed, same questions), answered with
+  the working first: column addition from the right, one `a+b+carry=sum` per column, then the
+  restated sum, e.g. "3+6+0=9, 2+5+0=7, 1+4+0=5; 123 + 456 = 579". The answer is the last integer.
+
+    python -m chat.tasks preference --n N --seed S [--split train|test] --out FILE.jsonl
+
+writes preference pairs for DPO instead (`data.format: preference`, trainer/dpo.py):
+`{"prompt": [messages], "chosen": "...", "rejected": "...", "task": "addition"}`, an addition
+question with the correct reply preferred to a plausible wrong one (a dropped or extra carry,
+one digit off), the same problems and splits as `addition` (`--digits`, `--min-digits`).
 
 Design decisions:
 - Train and test are disjoint by construction, not by luck: a problem belongs to one split by
@@ -111,6 +126,67 @@ def identity(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
     return rng.choice(phrasings[-2:] if split == "test" else phrasings[:-2]), answer
 
 
+def _factors(rng: random.Random, split: str) -> tuple[int, int]:
+    while True:
+        a, b = _number(rng, 4), _number(rng, 3)
+        if in_test(f"{a}*{b}") == (split == "test"):
+            return a, b
+
+
+def _multiply_question(rng: random.Random, a: int, b: int) -> str:
+    return rng.choice(("What is {a} * {b}?", "{a} * {b} = ?", "Multiply {a} by {b}.", "Compute {a}*{b}.",
+                       "What's the product of {a} and {b}?")).format(a=a, b=b)
+
+
+def multiply(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
+    a, b = _factors(rng, split)
+    return _multiply_question(rng, a, b), f"{a} * {b} = {a * b}"
+
+
+def multiply_tool(rng: random.Random, split: str, digits: range) -> tuple[str, list[dict]]:
+    from chat.tools import calculate
+
+    a, b = _factors(rng, split)
+    question, call = _multiply_question(rng, a, b), f"{a}*{b}"
+    return question, [{"role": "assistant", "content": "", "tool_call": call},
+                      {"role": "tool", "content": calculate(call)},
+                      {"role": "assistant", "content": f"{a} * {b} = {a * b}"}]
+
+
+def column_addition(a: int, b: int) -> str:
+    """The worked sum: each column from the right as `a+b+carry=sum`, then the result."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        steps.append(f"{x}+{y}+{carry}={x + y + carry}")
+        carry = (x + y + carry) // 10
+    return ", ".join(steps) + f"; {a} + {b} = {a + b}"
+
+
+def addition_cot(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
+    question, reply = addition(rng, split, digits)
+    a, b = map(int, re.findall(r"\d+", reply)[:2])
+    return question, column_addition(a, b)
+
+
+def wrong_sum(rng: random.Random, a: int, b: int) -> int:
+    """A plausible wrong sum: a carry dropped or added, or one digit off by one."""
+    right = a + b
+    while True:
+        place = 10 ** rng.randrange(len(str(right)))
+        wrong = right + rng.choice((-1, 1)) * place * rng.choice((1, 1, 2))
+        if wrong >= 0 and wrong != right:
+            return wrong
+
+
+def preference_pair(rng: random.Random, split: str, digits: range) -> dict:
+    question, reply = addition(rng, split, digits)
+    a, b = map(int, re.findall(r"\d+", reply)[:2])
+    return {"prompt": [{"role": "user", "content": question}], "chosen": reply,
+            "rejected": f"{a} + {b} = {wrong_sum(rng, a, b)}", "task": "addition"}
+
+
 def whole_reply(reply: str) -> str:
     return reply.strip()
 
@@ -122,16 +198,25 @@ def last_integer(reply: str) -> str:
 
 @dataclass(frozen=True)
 class Task:
-    draw: Callable[[random.Random, str, range], tuple[str, str]]
+    # One (question, reply) of a split; the reply is the assistant's text, or the messages that
+    # answer (assistant, tool, assistant) when the task calls a tool.
+    draw: Callable[[random.Random, str, range], tuple[str, str | list[dict]]]
     extract: Callable[[str], str]  # the answer in a reply, compared by evaluate.py
     about: str
+    stream: str = ""  # the random stream's name (default: the task's): tasks that share one ask the same questions
 
 
 TASKS = {
     "addition": Task(addition, last_integer, "add two D-digit numbers (--digits, default 3; --min-digits for fewer)"),
+    "addition_cot": Task(addition_cot, last_integer, "addition's questions, answered column by column with carries",
+                         stream="addition"),
+    "multiply": Task(multiply, last_integer, "multiply a 4-digit by a 3-digit number"),
+    "multiply_tool": Task(multiply_tool, last_integer, "multiply's questions, answered with the calculator tool",
+                          stream="multiply"),
     "spell": Task(spell, whole_reply, "spell a word letter by letter"),
     "identity": Task(identity, whole_reply, "questions about the assistant, with fixed answers"),
 }
+PAIRS = {"preference": "addition questions: the correct reply chosen, a plausible wrong one rejected (DPO)"}
 
 
 def answer(task: str | None, reply: str) -> str:
@@ -143,7 +228,8 @@ def conversation(name: str, rng: random.Random, split: str, digits: range = rang
     messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.2 else []
     for _ in range(rng.randint(1, max_turns)):
         question, reply = TASKS[name].draw(rng, split, digits)
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        answer = [{"role": "assistant", "content": reply}] if isinstance(reply, str) else reply
+        messages += [{"role": "user", "content": question}, *answer]
     return {"messages": messages, "task": name}
 
 
@@ -151,17 +237,22 @@ def generate(name: str, n: int, seed: int, split: str = "train", digits: int = 3
              min_digits: int = 0) -> list[dict]:
     """n conversations of a task's split; a test split's are distinct. Addition's operands have
     `digits` digits each, or from `min_digits` to `digits` when it is given."""
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    rng = random.Random(f"{name}-{split}-{seed}")
+    if name not in TASKS and name not in PAIRS:
+        raise UserError(f"unknown task {name!r}; tasks: {', '.join([*TASKS, *PAIRS])}")
+    stream = TASKS[name].stream or name if name in TASKS else "addition"
+    rng = random.Random(f"{stream}-{split}-{seed}")
     digits = range(min_digits or digits, digits + 1)
+    if name in PAIRS:
+        draw = lambda: preference_pair(rng, split, digits)  # noqa: E731
+    else:
+        draw = lambda: conversation(name, rng, split, digits, max_turns)  # noqa: E731
     if split == "train":
-        return [conversation(name, rng, split, digits, max_turns) for _ in range(n)]
+        return [draw() for _ in range(n)]
     found: dict[str, dict] = {}
     for _ in range(50 * n + 1000):
         if len(found) == n:
             break
-        c = conversation(name, rng, split, digits, max_turns)
+        c = draw()
         found.setdefault(json.dumps(c, sort_keys=True), c)
     if len(found) < n:
         raise UserError(f"--n {n}: the {name} test split has only about {len(found)} distinct conversations"
@@ -172,7 +263,7 @@ def generate(name: str, n: int, seed: int, split: str = "train", digits: int = 3
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate synthetic chat conversations (JSONL) for fine-tuning and "
                                              "evaluation, or `list` the tasks.")
-    ap.add_argument("task", help=f"one of: {', '.join(TASKS)}; or list")
+    ap.add_argument("task", help=f"one of: {', '.join([*TASKS, *PAIRS])}; or list")
     ap.add_argument("--n", type=int, default=1000, help="conversations to write")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="train", choices=("train", "test"))
@@ -186,7 +277,9 @@ def main(argv=None):
     with report_user_errors(args.debug):
         if args.task == "list":
             for name, task in TASKS.items():
-                print(f"{name:10s} {task.about}")
+                print(f"{name:14s} {task.about}")
+            for name, about in PAIRS.items():
+                print(f"{name:14s} {about}")
             return
         for flag, ok in (("--n", args.n >= 1), ("--digits", 1 <= args.digits <= 18), ("--max-turns", args.max_turns >= 1),
                          ("--min-digits", 0 <= args.min_digits <= args.digits)):
@@ -197,7 +290,8 @@ def main(argv=None):
         rows = generate(args.task, args.n, args.seed, args.split, args.digits, args.max_turns, args.min_digits)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        print(f"wrote {len(rows)} {args.split} conversations of {args.task} to {args.out}")
+        kind = "preference pairs" if args.task in PAIRS else "conversations"
+        print(f"wrote {len(rows)} {args.split} {kind} of {args.task} to {args.out}")
 
 
 if __name__ == "__main__":

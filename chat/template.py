@@ -7,11 +7,19 @@ conversation is the OpenAI-style list `[{"role": "system"|"user"|"assistant"|"to
     <|bos|> [<|system_start|> text <|system_end|>]
     <|user_start|> text <|user_end|> <|assistant_start|> text <|assistant_end|> ...
 
-with a tool's output as `<|tool_output_start|> text <|tool_output_end|>` after the assistant turn
-that called it. The mask is 1 exactly on the tokens the model must learn to produce: each
-assistant turn's text and its `<|assistant_end|>` (the model must learn to stop). The
-`<|assistant_start|>` token is context, never a target: the template, not the model, opens a
-turn. Everything else (bos, system, user, tool output) is context too.
+An assistant message may end in a tool call, `{"role": "assistant", "content": "...",
+"tool_call": "EXPR"}`; the tool's answer is the next message, `{"role": "tool", "content": "..."}`,
+and the assistant message after it continues the same turn:
+
+    <|assistant_start|> text <|tool_call_start|> EXPR <|tool_call_end|>
+        <|tool_output_start|> output <|tool_output_end|> text <|assistant_end|>
+
+The mask is 1 exactly on the tokens the model must learn to produce: each assistant turn's text,
+its tool calls with their start and end tokens (the model decides when to call, and the call
+ends generation of the call, chat/agent.py), and its `<|assistant_end|>` (the model must learn to
+stop). The `<|assistant_start|>` token is context, never a target: the template, not the model,
+opens a turn. Everything else (bos, system, user, tool output with its two tokens) is context
+too: a tool's output is given to the model, never learned.
 
 Design decisions:
 - Special tokens are ids of their own, added to every tokenizer family by
@@ -24,7 +32,10 @@ Design decisions:
   rendering for training.
 - The order of roles is checked here, once (`check_messages`), for data prep (which adds the
   file and line), the REPL and the server: an optional system message first, then user and
-  assistant alternating, a tool message only right after an assistant turn and followed by one.
+  assistant alternating, a tool message exactly after each assistant message with a `tool_call`
+  and followed by the assistant message that goes on.
+- Rendering for generation after a tool message adds no `<|assistant_start|>`: the assistant's
+  turn is still open, the model writes on after the tool's output.
 """
 
 from __future__ import annotations
@@ -74,9 +85,19 @@ def check_messages(messages, for_generation: bool = False):
             where = "first" if previous is None else f"after {previous}"
             raise ConversationError(f"messages[{i}]: role {role} cannot come {where} (expected "
                                     f"{' or '.join(_NEXT[previous])})")
-        if role == "assistant" and not content.strip():
+        call = m.get("tool_call")
+        if call is not None and (role != "assistant" or not isinstance(call, str) or not call.strip()):
+            raise ConversationError(f"messages[{i}] ({role}): tool_call must be a non-empty string on an assistant "
+                                    f"message")
+        if role == "assistant" and not content.strip() and call is None:
             raise ConversationError(f"messages[{i}]: empty assistant turn")
+        calling = previous == "assistant" and messages[i - 1].get("tool_call") is not None
+        if calling != (role == "tool"):
+            raise ConversationError(f"messages[{i}]: " + ("a tool_call must be followed by a tool message" if calling
+                                                          else "a tool message must follow an assistant tool_call"))
         previous = role
+    if previous == "assistant" and messages[-1].get("tool_call") is not None:
+        raise ConversationError("the last message is a tool_call without its tool message")
     wanted = ("user", "tool") if for_generation else ("assistant",)
     if previous not in wanted:
         raise ConversationError(f"the last message is {previous}; "
@@ -103,14 +124,27 @@ class ChatTemplate:
         """The conversation so far, ending right after `<|assistant_start|>`: the model writes on."""
         check_messages(messages, for_generation=True)
         ids, _ = self._render(messages)
-        return ids + [self.assistant_start_id]
+        return ids if messages[-1]["role"] == "tool" else ids + [self.assistant_start_id]
 
     def _render(self, messages) -> tuple[list[int], list[int]]:
         ids, mask = [self.bos_id], [0]
+        call_start, call_end = self.special_ids["<|tool_call_start|>"], self.special_ids["<|tool_call_end|>"]
+        previous = None
         for m in messages:
             start, end = (self.special_ids[t] for t in _WRAP[m["role"]])
             text = self.tokenizer.encode(m["content"])
-            learn = int(m["role"] == "assistant")
-            ids += [start, *text, end]
-            mask += [0] + [learn] * (len(text) + 1)
+            if m["role"] != "assistant":
+                ids += [start, *text, end]
+                mask += [0] * (len(text) + 2)
+            else:
+                if previous != "tool":  # after a tool's output the turn goes on: no new start
+                    ids.append(start)
+                    mask.append(0)
+                if m.get("tool_call") is None:
+                    tail = [*text, end]
+                else:
+                    tail = [*text, call_start, *self.tokenizer.encode(m["tool_call"]), call_end]
+                ids += tail
+                mask += [1] * len(tail)
+            previous = m["role"]
         return ids, mask

@@ -102,6 +102,8 @@ class ChatCorpus:
         for messages, split, _ in self.conversations(progress):
             for m in messages:
                 yield m["content"], split, True
+                if m.get("tool_call"):
+                    yield m["tool_call"], split, True
 
     def progress_bar(self, desc: str):
         return tqdm(total=self.total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,

@@ -31,7 +31,8 @@ checkpoint resumes at the first batch the model has not seen.
 split.
 
 Chat data (`data.format: chat`) is batched by data/packing.py instead: whole conversations
-packed into rows, targets masked outside assistant turns. `open_split`, `build_loader` and
+packed into rows, targets masked outside assistant turns; preference pairs (`data.format:
+preference`) by data/preferences.py, one conversation per row, chosen rows then rejected. `open_split`, `build_loader` and
 `eval_windows` pick the kind from the prepared folder, so the training loop is the same for both.
 """
 
@@ -215,6 +216,13 @@ def open_split(prepared_dir: str | Path, split: str, block_size: int):
     """A prepared split: a TokenSplit, or a ConversationSplit for chat data; refused (one line)
     when it cannot fill one batch row."""
     meta = json.loads((Path(prepared_dir) / "meta.json").read_text())
+    if meta.get("format") == "preference":
+        from data.preferences import PreferenceSplit
+
+        data = PreferenceSplit(prepared_dir, split, block_size)
+        if not len(data.usable):
+            raise UserError(f"the {split} split holds no preference pair; use more pairs or another data.val_fraction")
+        return data
     if meta.get("format") == "chat":
         from data.packing import ConversationSplit
 
@@ -233,7 +241,10 @@ def open_split(prepared_dir: str | Path, split: str, block_size: int):
 def build_loader(sampling: str, data: TokenSplit, batch_size: int, block_size: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, grad_accum: int = 1, warn=None):
     from data.packing import ConversationSplit, PackedConversations
+    from data.preferences import PreferenceBatches, PreferenceSplit
 
+    if isinstance(data, PreferenceSplit):
+        return PreferenceBatches(data, batch_size, seed, device, rank, world_size, grad_accum)
     if isinstance(data, ConversationSplit):
         return PackedConversations(data, batch_size, block_size, seed, device, rank, world_size, grad_accum, warn)
     # Prefetch on CUDA only: on CPU a batch costs microseconds to read, and a second thread only
@@ -253,7 +264,11 @@ def eval_windows(data: TokenSplit, batch_size: int, block_size: int, device: tor
     every world_size-th) when max_batches is 0, else max_batches batches of random windows from
     a fixed seed (the same windows each call, so successive estimates are comparable)."""
     from data.packing import ConversationSplit, conversation_batches
+    from data.preferences import PreferenceSplit, preference_batches
 
+    if isinstance(data, PreferenceSplit):
+        yield from preference_batches(data, batch_size, device, max_batches)
+        return
     if isinstance(data, ConversationSplit):
         yield from conversation_batches(data, batch_size, block_size, device, max_batches)
         return

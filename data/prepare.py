@@ -78,7 +78,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard: few files, each quick to rewrite
 BATCH_CHARS = 1 << 20
 _SHARD_FILE = re.compile(r"(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?")
-FORMATS = ("text", "chat")
+FORMATS = ("text", "chat", "preference")
 
 
 def resolve_path(path: str) -> Path:
@@ -109,7 +109,7 @@ def default_prepared_dir(inputs: list[str], tokenizer: str, format: str = "text"
         name = f"{p.parent.name}-{p.stem}" if p.is_file() else p.name
     if len(inputs) > 1:  # another input list must not share (and keep re-preparing) the folder
         name += "-" + hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:8]
-    return REPO_ROOT / "data" / "prepared" / f"{name}-{tokenizer}{'-chat' if format == 'chat' else ''}"
+    return REPO_ROOT / "data" / "prepared" / f"{name}-{tokenizer}{'' if format == 'text' else '-' + format}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -146,7 +146,7 @@ def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = No
     the chat tokens added for `format="chat"`)."""
     if format not in FORMATS:
         raise UserError(f"data.format={format!r} is not one of: {', '.join(FORMATS)}")
-    chat = format == "chat"
+    chat = format in ("chat", "preference")  # preference pairs are prepared as chat conversations
     if isinstance(tokenizer, str):
         check_tokenizer_name(tokenizer)
     elif chat:
@@ -158,7 +158,7 @@ def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = No
     out_dir = Path(out_dir) if out_dir else default_prepared_dir(list(inputs), label, format)
     settings = {"tokenizer": label, "val_fraction": val_fraction}
     if chat:
-        settings["format"] = "chat"
+        settings["format"] = format
     elif any(s.kind != "text" for s in sources):
         settings["text_field"] = text_field
     if tokenizer == "bpe":
@@ -178,7 +178,12 @@ def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = No
             f"(prepared data {reason})")
         if all(s.size == 0 for s in sources):
             raise UserError(f"data.input: the corpus is empty ({', '.join(inputs)})")
-        corpus = ChatCorpus(sources, val_fraction) if chat else Corpus(sources, described, val_fraction, text_field)
+        if format == "preference":
+            from data.preferences import PreferenceCorpus
+
+            corpus = PreferenceCorpus(sources, val_fraction)
+        else:
+            corpus = ChatCorpus(sources, val_fraction) if chat else Corpus(sources, described, val_fraction, text_field)
         if chat:
             corpus.check()  # a bad line stops prep before the old folder is cleared
         _clear(out_dir, old)
@@ -186,6 +191,9 @@ def prepare(inputs: list[str], tokenizer="char", out_dir: str | Path | None = No
         tok = _build_tokenizer(tokenizer, corpus, bpe_vocab_size, bpe_sample_mb, workers, out_dir, log)
         if chat:
             meta = encode_conversations(corpus, with_chat_tokens(tok), out_dir, shard_tokens, log)
+            if format == "preference":  # pairs: conversations 2i (chosen) and 2i + 1 (rejected); data/preferences.py
+                meta.update(format="preference",
+                            assistant_start_id=with_chat_tokens(tok).special_tokens["<|assistant_start|>"])
         else:
             meta = _encode(corpus, tok, out_dir, workers, shard_tokens, log)
         meta.update(settings=settings, sources=described, fingerprint=fp)
@@ -508,7 +516,8 @@ def main(argv=None):
     ap.add_argument("--tokenizer-from", default=None, metavar="RUN_DIR",
                     help="use this run folder's or checkpoint file's tokenizer (what init_from does)")
     ap.add_argument("--format", default="text", choices=FORMATS,
-                    help="text: documents; chat: conversations, one {\"messages\": [...]} per JSONL line")
+                    help="text: documents; chat: conversations, one {\"messages\": [...]} per JSONL line; "
+                         "preference: {\"prompt\", \"chosen\", \"rejected\"} pairs for DPO (data/preferences.py)")
     ap.add_argument("--out", default=None, help="output folder (default data/prepared/<input>-<tokenizer>)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--text-field", default="text", help="the text field of JSONL/Parquet/HF records")

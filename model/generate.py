@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -63,12 +63,15 @@ def sample_next(logits, context, s: Sampling, generator=None) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
              generator: torch.Generator | None = None, eot_id: int | None = None, use_cache: bool = True,
-             finished: torch.Tensor | None = None, decode: str = "dynamic") -> Iterator[torch.Tensor]:
+             finished: torch.Tensor | None = None, decode: str = "dynamic",
+             steer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Continue idx (B, T) and yield each step's tokens (B,): a row's token, or -1 once the row
     has finished. A row finishes after yielding `eot_id`, or when the caller sets its entry
     in `finished` (a (B,) bool tensor it passed in, read before every step). Stops after
     max_new_tokens steps or when every row has finished. `use_cache` and `decode`: see the
-    family's decoder (model/base.py; GPT's "graph" needs CUDA)."""
+    family's decoder (model/base.py; GPT's "graph" needs CUDA). `steer`, when given, sees each
+    step's sampled tokens and returns the tokens to keep instead (forced tokens, e.g. a tool's
+    output: chat/agent.py); they go through the decoder like sampled ones, cache and all."""
     model.eval()
     sampling = sampling or Sampling()
     context = model.decoder(use_cache, decode, max_len=idx.shape[1] + max_new_tokens)
@@ -78,6 +81,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling |
         if finished.all():
             return
         nxt = sample_next(context.next_logits(tokens), tokens, sampling, generator)
+        if steer is not None:
+            nxt = steer(nxt)
         nxt = nxt.masked_fill(finished, -1)
         if eot_id is not None:
             finished |= nxt == eot_id

@@ -36,6 +36,8 @@ Design decisions:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,6 +48,8 @@ from common.errors import UserError
 class LoRALinear(nn.Linear):
     """nn.Linear with frozen weight and bias, a trainable update scale * B A of rank `rank` (0:
     none) and trainable rows for the outputs `token_ids` (a head's new tokens; None: none)."""
+
+    enabled = True  # False inside `adapters_off`
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, token_rows: nn.Parameter | None,
                  token_ids: torch.Tensor | None):
@@ -67,6 +71,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
         if self.rank:
             # y + scale * (x A^T) B^T, the second matmul accumulating into y (one BLAS call, no
             # temporary as large as y: on a CPU these thin matmuls cost what they move, not
@@ -90,6 +96,8 @@ class LoRALinear(nn.Linear):
 class TokenRowsEmbedding(nn.Embedding):
     """nn.Embedding with a frozen table and trainable rows for the ids `token_ids`."""
 
+    enabled = True  # False inside `adapters_off`
+
     def __init__(self, base: nn.Embedding, token_rows: nn.Parameter, token_ids: torch.Tensor):
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
@@ -106,11 +114,27 @@ class TokenRowsEmbedding(nn.Embedding):
         return [self.token_rows]
 
     def forward(self, idx):
+        if not self.enabled:
+            return F.embedding(idx, self.weight)
         rows = torch.cat([self.token_rows.new_zeros(1, self.embedding_dim), self.token_rows])
         return F.embedding(idx, self.weight) + F.embedding(self.slots[idx], rows)
 
     def adapted_weight(self) -> torch.Tensor:
         return self.weight.index_add(0, self.token_ids, self.token_rows)
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """The model as its base, adapters and token-row deltas ignored, for the duration (DPO's
+    reference: trainer/objectives.py). Costs nothing: the frozen weights are the base."""
+    adapted = [m for m in model.modules() if isinstance(m, (LoRALinear, TokenRowsEmbedding))]
+    for m in adapted:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in adapted:
+            m.enabled = True
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module):

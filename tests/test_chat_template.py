@@ -91,7 +91,7 @@ def test_bad_conversations_are_refused(messages, error):
 
 def test_generation_needs_a_user_or_tool_turn_last():
     check_messages([{"role": "user", "content": "a"}], for_generation=True)
-    check_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+    check_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_call": "2+2"},
                     {"role": "tool", "content": "4"}], for_generation=True)
     with pytest.raises(ConversationError, match="last message is assistant"):
         check_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], for_generation=True)

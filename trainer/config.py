@@ -45,7 +45,7 @@ class DataConfig:
     bpe_sample_mb: float = 100.0  # tokenizer=bpe: MB of training text it learns from; 0 = all
     prep_workers: int = 0  # encoding threads during prep; 0 = all cores
     sampling: str = "random"  # random (windows at random positions) | epoch (each window once per epoch); text only
-    format: str = "text"  # text (documents) | chat (conversations in JSONL, trained on assistant turns; data/conversations.py)
+    format: str = "text"  # text (documents) | chat (conversations in JSONL, trained on assistant turns; data/conversations.py) | preference (chosen/rejected pairs for DPO; data/preferences.py)
 
     def validate(self):
         from data.tokenizer import TOKENIZERS
@@ -55,7 +55,7 @@ class DataConfig:
         in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
         choice(self, "data", "tokenizer", TOKENIZERS)
         choice(self, "data", "sampling", ("random", "epoch"))
-        choice(self, "data", "format", ("text", "chat"))
+        choice(self, "data", "format", ("text", "chat", "preference"))
         at_least(self, "data", 257, "bpe_vocab_size")  # 256 bytes + the end-of-text token
         at_least(self, "data", 0, "bpe_sample_mb", "prep_workers")
 
@@ -100,7 +100,8 @@ class TrainConfig:
     attention: str = "auto"  # auto | flash | cudnn | efficient | math: the only attention kernel family allowed on CUDA; auto = PyTorch's pick
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     seed: int = 1337
-    batch_size: int = 12  # sequences per micro-batch
+    objective: str = "lm"  # lm (next-token loss on the targets) | dpo (preference pairs; trainer/objectives.py)
+    batch_size: int = 12  # sequences per micro-batch (objective=dpo: preference pairs, two sequences each)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 2000  # optimizer steps
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
@@ -129,6 +130,7 @@ class TrainConfig:
         at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss",
                   "ckpt_interval", "keep_last", "max_bad_steps", "spike_z")
         choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
+        choice(self, "train", "objective", ("lm", "dpo"))
         choice(self, "train", "attention", ("auto", "flash", "cudnn", "efficient", "math"))
         parse_duration(self.max_time, "train.max_time")
         self.ckpt_period_s()
@@ -167,12 +169,21 @@ class LoraConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # objective=dpo: how far the policy may move from the reference (the KL penalty's inverse weight)
+
+    def validate(self):
+        positive(self, "dpo", "beta")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=GPTConfig)  # the family's own dataclass, by model.arch
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     out_dir: str = "out"  # run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False  # start afresh even if out_dir already holds a run
@@ -182,12 +193,15 @@ class Config:
     given = frozenset()  # not a field: the dotted keys the YAML file or command line set (load_config)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.data, self.optim, self.train, self.lora):
+        for section in (self.model, self.data, self.optim, self.train, self.lora, self.dpo):
             section.validate()
         if not self.out_dir:
             raise UserError("out_dir is empty")
         if self.resume and self.overwrite:
             raise UserError("resume=true and overwrite=true contradict each other; pick one")
+        if (self.train.objective == "dpo") != (self.data.format == "preference"):
+            raise UserError(f"train.objective={self.train.objective} with data.format={self.data.format}: DPO trains on "
+                            f"preference pairs and only on them (train.objective=dpo with data.format=preference)")
         if self.train.parallel == "fsdp" and self.optim.optimizer == "muon":
             raise UserError("optim.optimizer=muon does not work with train.parallel=fsdp (Newton-Schulz needs whole "
                             "matrices, FSDP holds shards); use train.parallel=ddp or optim.optimizer=adamw")

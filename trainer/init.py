@@ -78,7 +78,7 @@ def load_init(cfg) -> InitWeights:
                         f"weights to start from; count a new run instead")
     model_cls = config_class(arch)
     tokenizer = from_state(ckpt["tokenizer"])
-    if cfg.data.format == "chat":  # a base without the chat tokens gains them, and rows for them below
+    if cfg.data.format in ("chat", "preference"):  # a base without the chat tokens gains them, and rows for them below
         tokenizer = with_chat_tokens(tokenizer)
     old_vocab = saved["vocab_size"]
     asked = explicit.get("vocab_size", 0)
