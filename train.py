@@ -30,16 +30,17 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from common.errors import UserError, report_user_errors
-from data.loader import TokenSplit, build_loader, eval_windows
+from data.loader import TokenSplit, build_loader, eval_starts, eval_windows
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
 from model import IGNORE, build_model, padded_vocab
 from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
 from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
-                          plain_tensor, plan_batches, seed_rank_streams, shard_batches, shutdown, wrap_model)
+                          plain_tensor, plan_batches, seed_rank_streams, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
 from trainer.init import load_init, resumed_model_config
+from trainer.memory import peak_memory_mb
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
 from trainer.rundir import METRICS, check_resume_config, rewind_run, write_config
@@ -49,24 +50,24 @@ from trainer.state import TrainingState
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenSplit, cfg, rt, max_batches: int, d, token_bytes: torch.Tensor) -> tuple[float, float]:
-    """(val loss in nats per target, bits per UTF-8 byte of the targets) over the split, or over
-    max_batches fixed random batches; the batches shared out over the ranks. Both are sums over
-    the counted targets (not IGNORE), so masked batches weigh each target once."""
+def evaluate(model, data: TokenSplit, starts, cfg, rt, d, token_bytes: torch.Tensor) -> tuple[float, float, int]:
+    """(val loss in nats per target, bits per UTF-8 byte of the targets, targets counted) over the
+    windows at `starts`, each rank evaluating its share. Both are sums over the counted targets
+    (not IGNORE), so masked batches weigh each target once."""
     model.eval()
     nats, count, nbytes = (torch.zeros((), dtype=torch.float64, device=rt.device) for _ in range(3))
-    batches = eval_windows(data, cfg.train.batch_size, cfg.model.block_size, rt.device, max_batches)
-    for (x, y), weight in shard_batches(batches, d):
+    for x, y in eval_windows(data, starts, cfg.train.batch_size, cfg.model.block_size, rt.device, d.rank,
+                             d.world_size, ignore=IGNORE):
         with rt.autocast:
             logits, _ = model(x)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
         counted = y.flatten() != IGNORE
-        nats += weight * losses.sum()
-        count += weight * counted.sum()
-        nbytes += weight * token_bytes[y.flatten().clamp(min=0)][counted].sum()
+        nats += losses.sum()
+        count += counted.sum()
+        nbytes += token_bytes[y.flatten().clamp(min=0)][counted].sum()
     all_reduce_sum(d, nats, count, nbytes)
     model.train()
-    return (nats / count).item(), (nats / (math.log(2) * nbytes)).item()
+    return (nats / count).item(), (nats / (math.log(2) * nbytes)).item(), int(count.item())
 
 
 def train(cfg):
@@ -151,6 +152,14 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         if d.is_main:
             save_run_checkpoint(payload, Path(cfg.out_dir), is_best, cfg.train.keep_last)
 
+    # The val windows evaluations cover (data/loader.py): a fixed sample for the periodic estimates;
+    # for a full evaluation the whole split, or a fixed sample of train.final_eval_tokens of it.
+    T, target = cfg.model.block_size, cfg.train.stop_at_val_loss
+    bound = cfg.train.final_eval_tokens
+    full_starts = eval_starts(val_data, T, max(1, bound // T) if bound else 0)
+    sample_starts = eval_starts(val_data, T, cfg.train.eval_batches * cfg.train.batch_size)
+    full_scope = ("whole val split" if len(full_starts) == (val_data.num_tokens - 1) // T
+                  else f"sample of the {val_data.num_tokens:,}-token val split")
     tokens_per_step = plan.tokens_per_step
     peak = peak_flops(rt.device)
     tqdm.write(f"model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
@@ -171,25 +180,37 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         if not d.enabled or it % cfg.train.log_interval == 0:
             over_budget = time_budget is not None and time.perf_counter() - run_start >= time_budget
             out_of_time, stopping = agree(d, rt.device, over_budget, bool(stop.reason))
-        # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end
-        # (max_iters or the time budget); only checkpoint every ckpt_interval steps and on a signal.
+        # Evaluate and checkpoint every eval_interval steps: an estimate over a fixed sample of val
+        # windows, or a full evaluation (the whole val split, up to final_eval_tokens) at the end
+        # (max_iters or the time budget) and when an estimate comes within stop_margin of
+        # stop_at_val_loss: only a full evaluation stops a run. Only checkpoint every ckpt_interval
+        # steps and on a signal.
         last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
-            val_loss, val_bpb = evaluate(model, val_data, cfg, rt, 0 if last else cfg.train.eval_batches, d,
-                                         token_bytes)
+            full = last or not cfg.train.eval_batches
+            val_loss, val_bpb, val_tokens = evaluate(model, val_data, full_starts if full else sample_starts, cfg, rt,
+                                                     d, token_bytes)
+            estimate = None
+            if not full and target and val_loss <= target + cfg.train.stop_margin:
+                estimate, full = val_loss, True
+                val_loss, val_bpb, val_tokens = evaluate(model, val_data, full_starts, cfg, rt, d, token_bytes)
+            scope = f"{full_scope}, {val_tokens:,} tokens" if full else f"estimate on {val_tokens:,} tokens"
+            if estimate is not None:
+                scope = f"estimate {estimate:.4f}, then {scope}"
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
-            metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss,
-                          elapsed_s=round(eval_start - run_start, 3), train_time_s=round(eval_start - run_start - paused_s, 3))
+            metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, val_tokens=val_tokens, train_loss=train_loss,
+                          elapsed_s=round(eval_start - run_start, 3),
+                          train_time_s=round(eval_start - run_start - paused_s, 3),
+                          peak_mem_mb=round(peak_memory_mb(rt.device)))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
-            tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte)"
-                       f"{' (whole val split)' if last else ''}")
+            tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte; {scope})")
             checkpoint(it, val_loss)
             paused_s += time.perf_counter() - eval_start
             window_start += time.perf_counter() - eval_start
-            if val_loss <= cfg.train.stop_at_val_loss:
-                tqdm.write(f"val loss {val_loss:.4f} <= train.stop_at_val_loss={cfg.train.stop_at_val_loss}: stopping")
+            if full and val_loss <= target:
+                tqdm.write(f"val loss {val_loss:.4f} ({full_scope}) <= train.stop_at_val_loss={target}: stopping")
                 break
         elif stopping or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0 and it > start_iter):
             checkpoint(it, None)
@@ -235,6 +256,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             interval_steps += good_iters
             metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
                           mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3),
+                          peak_mem_mb=round(peak_memory_mb(rt.device)),
                           **({"skipped_steps": skipped} if skipped else {}))
             bar.set_postfix_str(f"loss {loss_val:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, mfu {format_mfu(mfu)}")
             bar.update(window_iters)
@@ -245,8 +267,10 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         why = stop.reason or f"train.max_time={cfg.train.max_time} reached"
         tqdm.write(f"{why}: stopped at iter {it}, checkpoint saved to {Path(cfg.out_dir) / LATEST}; "
                    f"continue with resume=true")
-    tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val "
-               f"{state.best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
+    peak_mem = peak_memory_mb(rt.device)
+    tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val {state.best_val_loss:.4f}; "
+               f"peak memory {peak_mem:,.0f} MB ({'allocated' if rt.device.type == 'cuda' else 'RSS'}); "
+               f"checkpoints in {cfg.out_dir}")
     shutdown(d)
     return state.best_val_loss
 

@@ -25,8 +25,8 @@ Design decisions:
   beyond that needs torch.distributed.checkpoint's sharded files instead.
 - Only rank 0 talks and writes: the other ranks' stdout goes to /dev/null (stderr stays, so
   their errors are seen), and they keep no metrics file and write no checkpoint.
-- Muon with FSDP is refused (in the config): Newton-Schulz needs whole matrices and a shard is
-  not one; gathering each matrix per step would undo the point of sharding.
+- Muon under FSDP gathers each matrix's update for Newton-Schulz, which needs whole matrices,
+  and keeps this rank's rows of the result (trainer/muon.py): the same update as under DDP.
 """
 
 from __future__ import annotations

@@ -67,9 +67,18 @@ Design decisions:
   only on inputs and the matmul backend.
 
 * torch.compile: the step mutates parameters in place under ``no_grad`` like any
-  built-in optimiser, so a compiled model is unaffected. The step itself is
-  eager; no distributed or FSDP sharding is done (under DDP every rank holds the
-  same all-reduced grads and computes the same update).
+  built-in optimiser, so a compiled model is unaffected. The step itself is eager.
+
+* Distributed. Under DDP every rank holds the same all-reduced gradients and
+  computes the same update. Under FSDP2 a parameter, its gradient and its
+  momentum are DTensors sharded by rows, and a shard is not a matrix whose
+  orthogonalisation means anything: each step gathers every matrix's whole
+  update (one all-gather per matrix), runs Newton-Schulz on it on every rank
+  (the same input, so the same result everywhere) and keeps this rank's rows.
+  The update therefore equals DDP's within float tolerance; what sharding saves
+  (the momentum buffers and the parameters at rest) it still saves, and what it
+  costs is the gathered matrix and the Newton-Schulz work repeated on each rank,
+  small next to the forward and backward for transformer-sized matrices.
 """
 
 from __future__ import annotations
@@ -193,6 +202,16 @@ class Muon(torch.optim.Optimizer):
             return max(1.0, rows / cols) ** 0.5
         return 0.2 * max(rows, cols) ** 0.5
 
+    def _orthogonalise(self, update: Tensor, steps: int) -> Tensor:
+        if not hasattr(update, "full_tensor"):  # a plain tensor (one process, DDP)
+            return zeropower_via_newtonschulz5(update, steps, dtype=self.ns_dtype)
+        # An FSDP2 shard (a DTensor): Newton-Schulz on the whole matrix, then this rank's rows of
+        # it (src_data_rank=None: every rank holds the same result, so no scatter is needed).
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = zeropower_via_newtonschulz5(update.full_tensor(), steps, dtype=self.ns_dtype)
+        return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -218,7 +237,7 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - mom)
                 # Out of place so p.grad is left intact for logging / clipping by the caller.
                 update = grad.lerp(buf, mom) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(update, group["ns_steps"], dtype=self.ns_dtype)
+                update = self._orthogonalise(update, group["ns_steps"])
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * self._scale(p.shape, group["adjust_lr"]))
