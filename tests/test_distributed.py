@@ -207,3 +207,35 @@ def test_many_processes_without_a_parallel_mode_is_an_error(monkeypatch):
     cfg = _cfg("train.device=cpu").train
     with pytest.raises(UserError, match="launched as 2 processes but train.parallel=none"):
         init_distributed(cfg, setup_runtime(cfg))
+
+
+def test_one_process_checkpoint_state_is_what_the_distributed_helpers_give():
+    """One process assembles its checkpoint's model and optimizer state without
+    torch.distributed.checkpoint; any mode must read it as its own (tied and untied heads,
+    AdamW alone and with Muon)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from torch.utils._pytree import tree_flatten
+
+    from model import build_model
+    from trainer.dist import full_state
+    from trainer.optim import build_optimizers
+
+    for config in ("configs/small.yaml", "configs/classic-cpu.yaml"):
+        cfg = load_config(str(REPO / config), ["model.vocab_size=65", "model.n_layer=2", "model.block_size=16"])
+        model = build_model(cfg.model)
+        optimizers = build_optimizers(model, cfg.optim, "cpu")
+        for _ in range(2):
+            x = torch.randint(0, 65, (2, 16))
+            model(x, x)[1].backward()
+            for opt in optimizers.optimizers:
+                opt.step()
+            optimizers.zero_grad()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        expected = (get_model_state_dict(model, options=opts),
+                    get_optimizer_state_dict(model, optimizers.optimizers, options=opts))
+        leaves, spec = tree_flatten(full_state(model, optimizers))
+        expected_leaves, expected_spec = tree_flatten(expected)
+        assert spec == expected_spec
+        for a, b in zip(leaves, expected_leaves):
+            assert (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(a, torch.Tensor) else a == b
