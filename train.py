@@ -203,7 +203,8 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, val_tokens=val_tokens, train_loss=train_loss,
                           elapsed_s=round(eval_start - run_start, 3),
                           train_time_s=round(eval_start - run_start - paused_s, 3),
-                          peak_mem_mb=round(peak_memory_mb(rt.device)))
+                          peak_mem_mb=round(peak_memory_mb(rt.device)),
+                          **({"val_estimate": estimate} if estimate is not None else {}))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
             tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte; {scope})")
             checkpoint(it, val_loss)
