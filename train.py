@@ -1,10 +1,13 @@
 """Train a language model: a GPT by default, or any family `model.arch` names (model/__init__.py).
 
     python train.py configs/small.yaml [key=value ...] [--debug]
+    python train.py configs/small.yaml --dry-run [key=value ...]     # print the plan, train nothing
     python train.py configs/sft.yaml init_from=out/base          # fine-tune from other weights
     torchrun --standalone --nproc_per_node=N train.py CONFIG train.parallel=ddp|fsdp [...]   (see trainer/dist.py)
 
-Reads top to bottom: config -> run folder -> data -> model and optimizer -> (resume) -> loop.
+Reads top to bottom: config -> memory check -> run folder -> data -> model and optimizer -> (resume)
+-> loop. The memory check (trainer/plan.py) estimates the run's peak memory before anything is
+read or built, and stops a run that cannot fit.
 The model is used through the family interface only (model/base.py), and everything a
 checkpoint holds is assembled by trainer/state.py.
 Every knob is a field in trainer/config.py. The loop never synchronises with the GPU except at
@@ -12,8 +15,11 @@ log and eval intervals (reading a loss is a sync), so the host stays ahead of th
 numerical-fault guard decides on the device too (trainer/guard.py).
 
 A run stops at `train.max_iters`, at `train.max_time` (evaluating and saving, as at the end), on
-SIGTERM/SIGINT (finishing the step and saving; trainer/signals.py), or when more than
+SIGTERM/SIGINT (finishing the step and saving; a second signal, or a step that outlasts
+`train.signal_grace_s`, aborts at once; trainer/signals.py), or when more than
 `train.max_bad_steps` updates in a row had to be skipped (keeping the last good checkpoint).
+Checkpoints come at evaluations, every `train.ckpt_interval` steps and every
+`train.ckpt_time_interval` of wall-clock time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +43,7 @@ from data.tokenizer import from_state
 from model import IGNORE, build_model, padded_vocab
 from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
+from trainer.count import fit_counted
 from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
                           plain_tensor, plan_batches, seed_rank_streams, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
@@ -43,6 +51,7 @@ from trainer.init import load_init, resumed_model_config
 from trainer.memory import peak_memory_mb
 from trainer.metrics import MetricsLog, format_mfu, peak_flops
 from trainer.optim import build_optimizers, lr_multiplier
+from trainer.plan import check_memory, dry_run
 from trainer.rundir import METRICS, check_resume_config, rewind_run, write_config
 from trainer.runtime import compile_with_fallback, seed_everything, setup_runtime
 from trainer.signals import StopRequest
@@ -70,17 +79,23 @@ def evaluate(model, data: TokenSplit, starts, cfg, rt, d, token_bytes: torch.Ten
     return (nats / count).item(), (nats / (math.log(2) * nbytes)).item(), int(count.item())
 
 
-def train(cfg):
+def train(cfg, plan_only: bool = False):
     # SIGTERM/SIGINT finish the step, save and exit cleanly; `closing` closes the progress bar on
     # any way out, so an error message starts on a line of its own.
-    with StopRequest() as stop, contextlib.ExitStack() as closing:
-        return _train(cfg, stop, closing)
+    with StopRequest(cfg.train.signal_grace_s) as stop, contextlib.ExitStack() as closing:
+        return _train(cfg, stop, closing, plan_only)
 
 
-def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
+def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: bool = False):
     rt = setup_runtime(cfg.train)
     d = init_distributed(cfg.train, rt)
     plan = plan_batches(cfg.train, cfg.model.block_size, d.world_size)  # refuses an impossible split early
+    if plan_only:  # --dry-run: print the plan (trainer/plan.py), write nothing to out_dir
+        dry_run(cfg, rt, d, plan, log=tqdm.write)
+        shutdown(d)
+        return None
+    if cfg.train.memory_check:  # before the data and the model, so that a run that cannot fit says so first
+        check_memory(cfg, rt, d, plan, log=tqdm.write)
     ckpt = open_out_dir(cfg, d)
     # init_from: the source's weights, model config and tokenizer (trainer/init.py); resuming such
     # a run needs only its own checkpoint.
@@ -118,6 +133,10 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         load_model_state(model, {"model": init.state}, init.source)
         tqdm.write(f"init_from: weights of {init.source}")
     model.to(rt.device)
+    if not model.trainable:  # a counted model (the n-gram): one pass over the train split, no optimizer
+        return fit_counted(cfg, model, tokenizer, ckpt, train_data, stop, d.enabled,
+                           lambda: evaluate(model, val_data, eval_starts(val_data, cfg.model.block_size), cfg, rt, d,
+                                            token_bytes)[:2])
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
@@ -136,6 +155,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         tqdm.write(f"resuming {cfg.out_dir} from iter {state.iter}")
     start_iter = state.iter
     seed_rank_streams(d, cfg.train.seed, start_iter)
+    # Opened before config.yaml is written: a missing tensorboard package stops a run that wrote nothing.
+    metrics = MetricsLog(Path(cfg.out_dir) / METRICS, cfg.train.tensorboard, start_iter) if d.is_main else NullLog()
+    metrics.write(iter=start_iter, num_params=num_params)
     if d.is_main:
         write_config(cfg)
     # Compiling pays on CUDA; small CPU models spend longer compiling than it saves.
@@ -143,6 +165,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     step_model = compile_with_fallback(wrapped, log=tqdm.write) if compiling else wrapped
 
     def checkpoint(it: int, val_loss: float | None):
+        nonlocal last_save
         if val_loss is not None and not math.isfinite(val_loss):
             tqdm.write(f"iter {it}: val loss {val_loss}: not saving over the last good checkpoint")
             return
@@ -151,6 +174,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         payload = state.state_dict()  # every rank: a collective under FSDP
         if d.is_main:
             save_run_checkpoint(payload, Path(cfg.out_dir), is_best, cfg.train.keep_last)
+        last_save = time.perf_counter()
 
     # The val windows evaluations cover (data/loader.py): a fixed sample for the periodic estimates;
     # for a full evaluation the whole split, or a fixed sample of train.final_eval_tokens of it.
@@ -165,10 +189,10 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
     tqdm.write(f"model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                f"device {rt.device}, {str(rt.dtype).removeprefix('torch.')}, parallel {d.parallel}; "
                f"batch {plan.describe()}; train {train_data.num_tokens:,} tokens, val {val_data.num_tokens:,}")
-    metrics = MetricsLog(Path(cfg.out_dir) / METRICS) if d.is_main else NullLog()
     bar = closing.enter_context(tqdm(total=cfg.train.max_iters, initial=start_iter, unit="it", dynamic_ncols=True,
                                      disable=not d.is_main))
     run_start = time.perf_counter()
+    last_save, ckpt_period = run_start, cfg.train.ckpt_period_s()  # time-based checkpoints
     window_start, window_iters, interval_loss_sum, interval_steps = run_start, 0, 0.0, 0
     paused_s = 0.0  # time spent evaluating and checkpointing, kept out of tokens/s and train_time_s
     loss_acc = torch.zeros((), device=rt.device)  # summed on device: no sync per step
@@ -176,15 +200,18 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
 
     it, out_of_time, stopping = start_iter, False, False
     while True:
-        # Stop on the budget or a signal; several ranks agree first, at log steps only (a sync).
-        if not d.enabled or it % cfg.train.log_interval == 0:
-            over_budget = time_budget is not None and time.perf_counter() - run_start >= time_budget
-            out_of_time, stopping = agree(d, rt.device, over_budget, bool(stop.reason))
+        # Stop on the budget or a signal, checkpoint on the clock: several ranks agree every step
+        # (a tiny CPU all-reduce), so a signalled job saves the same step everywhere.
+        now = time.perf_counter()
+        out_of_time, stopping, save_due = agree(d, time_budget is not None and now - run_start >= time_budget,
+                                                bool(stop.reason), ckpt_period is not None and now - last_save >= ckpt_period)
+        if stopping:
+            stop.step_finished()  # the grace period was for reaching this point; the save is not cut short
         # Evaluate and checkpoint every eval_interval steps: an estimate over a fixed sample of val
         # windows, or a full evaluation (the whole val split, up to final_eval_tokens) at the end
         # (max_iters or the time budget) and when an estimate comes within stop_margin of
         # stop_at_val_loss: only a full evaluation stops a run. Only checkpoint every ckpt_interval
-        # steps and on a signal.
+        # steps, on the clock (ckpt_time_interval) and on a signal.
         last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
@@ -201,9 +228,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
             metrics.write(iter=it, val_loss=val_loss, val_bpb=val_bpb, val_tokens=val_tokens, train_loss=train_loss,
-                          elapsed_s=round(eval_start - run_start, 3),
+                          tokens=it * tokens_per_step, elapsed_s=round(eval_start - run_start, 3),
                           train_time_s=round(eval_start - run_start - paused_s, 3),
-                          peak_mem_mb=round(peak_memory_mb(rt.device)),
+                          peak_mem_mb=round(peak_memory_mb(rt.device), 1),
                           **({"val_estimate": estimate} if estimate is not None else {}))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
             tqdm.write(f"iter {it}: {train_str}val {val_loss:.4f} ({val_bpb:.4f} bits/byte; {scope})")
@@ -213,7 +240,7 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             if full and val_loss <= target:
                 tqdm.write(f"val loss {val_loss:.4f} ({full_scope}) <= train.stop_at_val_loss={target}: stopping")
                 break
-        elif stopping or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0 and it > start_iter):
+        elif stopping or save_due or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0 and it > start_iter):
             checkpoint(it, None)
         if last or stopping:
             break
@@ -256,9 +283,8 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
             interval_loss_sum += loss_sum
             interval_steps += good_iters
             metrics.write(iter=it, train_loss=loss_val, lr=lr, tokens_per_sec=round(tok_s, 1),
-                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3),
-                          peak_mem_mb=round(peak_memory_mb(rt.device)),
-                          **({"skipped_steps": skipped} if skipped else {}))
+                          mfu=mfu, elapsed_s=round(time.perf_counter() - run_start, 3), tokens=it * tokens_per_step,
+                          peak_mem_mb=round(peak_memory_mb(rt.device), 1), **({"skipped_steps": skipped} if skipped else {}))
             bar.set_postfix_str(f"loss {loss_val:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, mfu {format_mfu(mfu)}")
             bar.update(window_iters)
             window_start, window_iters = time.perf_counter(), 0
@@ -268,9 +294,8 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack):
         why = stop.reason or f"train.max_time={cfg.train.max_time} reached"
         tqdm.write(f"{why}: stopped at iter {it}, checkpoint saved to {Path(cfg.out_dir) / LATEST}; "
                    f"continue with resume=true")
-    peak_mem = peak_memory_mb(rt.device)
     tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val {state.best_val_loss:.4f}; "
-               f"peak memory {peak_mem:,.0f} MB ({'allocated' if rt.device.type == 'cuda' else 'RSS'}); "
+               f"peak memory {peak_memory_mb(rt.device):,.0f} MiB ({'allocated' if rt.device.type == 'cuda' else 'RSS'}); "
                f"checkpoints in {cfg.out_dir}")
     shutdown(d)
     return state.best_val_loss
@@ -282,9 +307,12 @@ def main(argv=None):
     ap.add_argument("config", help="YAML config file, e.g. configs/small.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. train.max_iters=200")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    args = ap.parse_args(argv)
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (memory, time, data) and train nothing")
+    args = ap.parse_intermixed_args(argv)  # flags anywhere among the key=value pairs
     with report_user_errors(args.debug):
-        train(load_config(args.config, args.overrides))
+        if args.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--dry-run plans a run in one process; run it without torchrun")
+        train(load_config(args.config, args.overrides), plan_only=args.dry_run)
 
 
 if __name__ == "__main__":

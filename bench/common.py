@@ -40,4 +40,4 @@ def train_run(config: str, out_dir: Path, *overrides: str) -> dict:
     if proc.returncode != 0:
         sys.exit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {"wall_s": wall, "rows": rows, "stderr": proc.stderr}
+    return {"wall_s": wall, "rows": rows, "stdout": proc.stdout, "stderr": proc.stderr}

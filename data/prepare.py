@@ -27,8 +27,9 @@ Design decisions:
 - The split is by document and deterministic: a document is in val when the first 64 bits of
   the sha256 of its content, as a fraction of 2^64, fall below val_fraction. Adding files never
   moves an old document between splits, and duplicates land together. A corpus of one text file
-  (Tiny Shakespeare) is split by position instead, as nanoGPT does: it is encoded whole, then
-  its last val_fraction of tokens is moved to val (copied in bounded chunks, then truncated).
+  (Tiny Shakespeare) is split by position instead, as nanoGPT does: its last val_fraction of
+  bytes is val (cut at a character boundary), decided while it streams, before anything is
+  encoded, so a tokenizer learnt from the corpus (`bpe`) never sees the val text.
 - The `char` tokenizer's vocabulary is the corpus's character set, so it costs one extra,
   cheap pass over the corpus before encoding; `bpe` learns its merges from the first
   `bpe_sample_mb` MB of the train split (the whole split when 0) before encoding.
@@ -68,7 +69,7 @@ from data.tokenizer import (CHAR_SEPARATOR, EOT, TIKTOKEN_ENCODINGS, TOKENIZERS,
 from common.errors import UserError, report_user_errors
 from common.files import atomic_write, publish, temporary_path
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: a one-file corpus is cut by bytes before encoding (BPE learns from train only)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard: few files, each quick to rewrite
 BATCH_CHARS = 1 << 20
@@ -253,11 +254,9 @@ class Corpus:
         self.utf8 = Utf8Errors()
 
     def pieces(self, progress=lambda n: None) -> Iterator[tuple[str, str, bool]]:
-        """A single document streams wholly as train; `_encode` moves its tail to val."""
         self.utf8.by_source.clear()  # each pass counts afresh
         if self.by_position:
-            for text in read_text_pieces(self.sources[0].path, self.utf8, progress):
-                yield text, "train", False
+            yield from self._split_by_position(progress)
             return
         for src, d in zip(self.sources, self.described):
             if src.kind == "text":
@@ -273,6 +272,22 @@ class Corpus:
                 for text in read_records(src, self.text_field, self.utf8, progress):
                     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
                     yield text, content_split(digest, self.val_fraction), True
+
+    def _split_by_position(self, progress) -> Iterator[tuple[str, str, bool]]:
+        """The one document's pieces: train up to its last val_fraction of bytes, val after (the
+        piece that spans the cut is cut at the character boundary there)."""
+        size = self.sources[0].size
+        cut = size - int(size * self.val_fraction)
+        seen = 0
+        for text in read_text_pieces(self.sources[0].path, self.utf8, progress):
+            data = text.encode("utf-8", "surrogatepass")
+            if seen < cut < seen + len(data):
+                head = len(data[:cut - seen].decode("utf-8", "ignore"))  # whole characters before the cut
+                yield text[:head], "train", False
+                yield text[head:], "val", False
+            else:
+                yield text, "train" if seen + len(data) <= cut else "val", False
+            seen += len(data)
 
     def progress_bar(self, desc: str):
         return tqdm(total=self.total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
@@ -362,28 +377,6 @@ class ShardWriter:
             self._file = None
 
 
-def _move_tail(train: ShardWriter, val: ShardWriter, n_val: int):
-    """Move the last n_val tokens written to `train` into `val`, in bounded chunks: a single
-    document splits by token position, and its length is known only once it is encoded."""
-    shards = train.finish()
-    keep = sum(s["tokens"] for s in shards) - n_val
-    train.shards, start = [], 0
-    for shard in shards:
-        path, n = train.out_dir / shard["file"], shard["tokens"]
-        cut = min(max(keep - start, 0), n)
-        if cut < n:
-            tokens = np.memmap(path, dtype=train.dtype, mode="r")
-            for i in range(cut, n, BATCH_CHARS):
-                val.write(np.array(tokens[i:min(i + BATCH_CHARS, n)]))
-            del tokens
-            os.truncate(path, cut * train.dtype.itemsize)
-        if cut:
-            train.shards.append({"file": shard["file"], "tokens": cut})
-        else:
-            path.unlink()
-        start += n
-
-
 def _batches(pieces: Iterator[tuple[str, str, bool]], max_chars: int) -> Iterator[list]:
     batch, size = [], 0
     for piece in pieces:
@@ -429,10 +422,6 @@ def _encode(corpus: Corpus, tok, out_dir: Path, workers: int, shard_tokens: int,
                     drain()
             while pending:
                 drain()
-        if corpus.by_position:
-            tokens["val"] = int(tokens["train"] * corpus.val_fraction)
-            tokens["train"] -= tokens["val"]
-            _move_tail(writers["train"], writers["val"], tokens["val"])
         splits = {split: w.finish() for split, w in writers.items()}
     except BaseException:
         for w in writers.values():

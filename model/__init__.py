@@ -10,9 +10,16 @@ from __future__ import annotations
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig, padded_vocab
 from model.gpt import GPT, GPTConfig
+from model.lstm import LSTM, LSTMConfig
+from model.ngram import Ngram, NgramConfig
+from model.rwkv import RWKV, RWKVConfig
 
+# In the order the history of language models met them.
 FAMILIES: dict[str, tuple[type[ModelConfig], type[LanguageModel]]] = {
+    "ngram": (NgramConfig, Ngram),
+    "lstm": (LSTMConfig, LSTM),
     "gpt": (GPTConfig, GPT),
+    "rwkv": (RWKVConfig, RWKV),
 }
 
 
@@ -26,5 +33,5 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     return FAMILIES[cfg.arch][1](cfg)
 
 
-__all__ = ["FAMILIES", "GPT", "GPTConfig", "IGNORE", "LanguageModel", "ModelConfig", "build_model", "config_class",
-           "padded_vocab"]
+__all__ = ["FAMILIES", "GPT", "GPTConfig", "IGNORE", "LSTM", "LSTMConfig", "LanguageModel", "ModelConfig", "Ngram",
+           "NgramConfig", "RWKV", "RWKVConfig", "build_model", "config_class", "padded_vocab"]

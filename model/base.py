@@ -19,6 +19,13 @@ the optimizer, the distributed wrappers and the converters go through these meth
     model.decoder(...) -> Decoder
         generation state: `next_logits(tokens)` takes the whole sequence so far and feeds the
         model only what it has not seen (a KV cache, a recurrent state, the last n-1 tokens).
+    model.rows_decoder(capacity) -> RowsDecoder
+        generation state for rows that join and leave at any step (continuous batching, the
+        server's engine: model/engine.py). By default one `decoder` per row, stepped one after
+        another; a family opts in to batched steps by overriding it (GPT: model/kv_rows.py).
+    model.activation_bytes(batch, element_size, ...) / model.logits_bytes(batch, element_size, ...)
+        what a training forward keeps for its backward, and the loss's logits at their peak: the
+        pre-flight memory estimate (trainer/footprint.py). The defaults fit a stack of linear layers.
     model.trainable
         False for a counted model (the n-gram): the loop fits it in one pass, with no optimizer.
     model.vocab_tensors
@@ -122,6 +129,40 @@ class LanguageModel(nn.Module):
         """Training FLOPs per token: 2 per matmul weight forward, 4 backward (Kaplan et al.)."""
         return 6 * self.matmul_params()
 
+    # What the pre-flight memory estimate needs (trainer/footprint.py) ------------------------
+
+    def activation_bytes(self, batch: int, element_size: int, device_type: str = "cpu", attention: str = "auto",
+                         checkpointing: bool = False) -> int:
+        """Bytes one training forward over `batch` sequences of block_size tokens keeps for its
+        backward, the loss's logits excluded (`logits_bytes`). element_size: bytes per element
+        of the compute dtype (4 in float32, 2 under bf16/fp16 autocast); device_type and
+        attention (`train.attention`) say which kernels run; checkpointing: each unit keeps only
+        its input and recomputes the rest in backward (`train.activation_checkpointing`).
+        The default counts what a stack of linear layers keeps per token: each nn.Linear's input
+        and output, and each lookup's output; a family with other layers overrides it."""
+        head = {id(p) for p in self.head_params()}
+
+        def per_token(module) -> int:
+            return sum(m.in_features + (0 if id(m.weight) in head else m.out_features)
+                       for m in module.modules() if isinstance(m, nn.Linear))
+
+        total = per_token(self) + sum(m.embedding_dim for m in self.modules() if isinstance(m, nn.Embedding))
+        units = self.units()
+        if checkpointing and units:
+            kept = [per_token(unit) for unit in units]
+            inputs = sum(next((m.in_features for m in unit.modules() if isinstance(m, nn.Linear)), 0)
+                         for unit in units)
+            total += inputs + max(kept) - sum(kept)
+        return batch * self.cfg.block_size * element_size * total
+
+    def logits_bytes(self, batch: int, element_size: int, compiled: bool = False) -> int:
+        """Peak bytes of the loss over `batch` sequences: the logits (batch x block_size x vocab,
+        in the compute dtype; the caller holds them through backward), their float32 copy under
+        autocast, the cross-entropy's float32 log-probabilities, and in backward the float32
+        gradients of both. `compiled`: under torch.compile (a family may fuse its loss there)."""
+        elements = batch * self.cfg.block_size * self.cfg.vocab_size
+        return elements * (element_size + (4 if element_size != 4 else 0) + 3 * 4)
+
     # Generation -----------------------------------------------------------------------------------
 
     def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0) -> Decoder:
@@ -129,6 +170,12 @@ class LanguageModel(nn.Module):
         reference the cached path is checked against); decode and max_len are hints a family may
         use (GPT: fixed-shape steps and CUDA graphs, tables sized for max_len positions)."""
         return Recompute(self)
+
+    def rows_decoder(self, capacity: int):
+        """Generation state for up to `capacity` rows that come and go (model/engine.py)."""
+        from model.engine import SeparateRows
+
+        return SeparateRows(self)
 
 
 class Recompute:

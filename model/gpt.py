@@ -13,7 +13,8 @@ None: the loss is fused with the head's matmul. With kv_caches (one per block), 
 tokens after the `start_pos` tokens already cached. With learned positions start_pos + T must
 fit in block_size; rotary models accept any length (attention then slides over a block_size
 window). start_pos may also be a 0-dim tensor on the device (the CUDA-graph decode step in
-model/kv_cache.py: one captured graph serves every position); the caller then checks the range.
+model/kv_cache.py: one captured graph serves every position), or a (B,) tensor giving each row
+its own position (continuous batching, model/kv_rows.py); the caller then checks the range.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from common.checks import at_least, choice, in_range, positive
 from common.errors import UserError
 from model.base import IGNORE, LanguageModel, ModelConfig
-from model.layers import NORMS, Block, Rotary
+from model.layers import Block, Rotary, make_norm, mlp_width
 from model.loss import linear_cross_entropy
 
 
@@ -43,7 +44,8 @@ class GPTConfig(ModelConfig):
     pos: str = "learned"  # learned | rope
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu | relu2
+    norm_eps: float = 0.0  # the norms' epsilon: 0 = 1e-5 for layernorm, 1e-6 for rmsnorm (QK-norm: the dtype's)
+    mlp: str = "gelu"  # gelu | gelu_tanh (GPT-2's tanh approximation) | swiglu | relu2
     mlp_hidden: int = 0  # MLP width: 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded to 64 (swiglu)
     qk_norm: bool = False  # normalise queries and keys per head before attention
     tie_weights: bool = True  # LM head shares the token embedding matrix
@@ -52,11 +54,11 @@ class GPTConfig(ModelConfig):
     def validate(self):
         super().validate()
         positive(self, "model", "n_layer", "n_head", "n_embd")
-        at_least(self, "model", 0, "n_kv_head", "mlp_hidden", "logit_softcap")
+        at_least(self, "model", 0, "n_kv_head", "mlp_hidden", "logit_softcap", "norm_eps")
         in_range(self, "model", "dropout", 0.0, 1.0, high_open=True)
         choice(self, "model", "pos", ("learned", "rope"))
         choice(self, "model", "norm", ("layernorm", "rmsnorm"))
-        choice(self, "model", "mlp", ("gelu", "swiglu", "relu2"))
+        choice(self, "model", "mlp", ("gelu", "gelu_tanh", "swiglu", "relu2"))
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_kv_head and self.n_head % self.n_kv_head:
@@ -77,7 +79,7 @@ class GPT(LanguageModel):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.block_size) if cfg.pos == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
@@ -103,7 +105,8 @@ class GPT(LanguageModel):
                              f"(learned positions have no embedding beyond it)")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device) + start_pos)
+            rows = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1  # (B,) -> positions (B, T)
+            x = x + self.wpe(torch.arange(T, device=idx.device) + (start_pos[:, None] if rows else start_pos))
         rotary = self.rotary(start_pos, T) if self.rotary is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
@@ -140,7 +143,53 @@ class GPT(LanguageModel):
         c = self.cfg
         return 6 * self.matmul_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def activation_bytes(self, batch: int, element_size: int, device_type: str = "cpu", attention: str = "auto",
+                         checkpointing: bool = False) -> int:
+        """What a training forward keeps for backward, per layer and token (in the compute dtype,
+        e bytes, except the residual stream that the norms read, float32), as autograd's saved
+        tensors show it for each variant (tests/test_plan.py checks it against them):
+          attention  norm input and output, q/k/v, the output; rotated (rope) or normalised
+                     (qk_norm) queries and keys once more, 1.5x their width; the kernel's
+                     log-sum-exp per head, or with the math kernel (train.attention=math, or
+                     dropout on CPU) the heads x context scores per token: twice, three times
+                     with dropout
+          MLP        norm input and output; the hidden width twice (gelu and relu2: the
+                     activation's input or output and the down projection's input), four
+                     times for swiglu (gate and up, their product, silu's output)
+          rmsnorm    one more width per norm (F.rms_norm runs decomposed); dropout: one width
+                     per residual dropout
+        Outside the layers: the final norm's input and output. With activation checkpointing
+        each layer keeps its input, and one layer's activations exist at a time in backward."""
+        c, e, r = self.cfg, element_size, 4
+        width, kv, hidden = c.n_embd, (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head), mlp_width(c)
+        math_kernel = attention == "math" or (device_type == "cpu" and c.dropout > 0)
+        attn = r * width + e * (width + (width + 2 * kv) + width)
+        if c.pos == "rope" or c.qk_norm:
+            attn += e * 3 * (width + kv) // 2
+        if math_kernel:
+            attn += c.n_head * c.block_size * e * (3 if c.dropout > 0 else 2)
+        else:
+            attn += c.n_head * 4
+        mlp = r * width + e * width + e * hidden * (4 if c.mlp == "swiglu" else 2)
+        extra = (2 * r * width if c.norm == "rmsnorm" else 0) + (2 * e * width if c.dropout > 0 else 0)
+        layer = attn + mlp + extra
+        outside = r * width + e * width + (r * width if c.norm == "rmsnorm" else 0)
+        layers = c.n_layer * layer if not checkpointing else c.n_layer * r * width + layer
+        return batch * c.block_size * (layers + outside)
+
+    def logits_bytes(self, batch: int, element_size: int, compiled: bool = False) -> int:
+        """Compiled training fuses the head with the loss (model/loss.py): the logits exist only
+        inside it, and what backward needs is their gradient in the compute dtype."""
+        if not compiled:
+            return super().logits_bytes(batch, element_size)
+        return batch * self.cfg.block_size * self.cfg.vocab_size * 2 * element_size
+
     def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0):
         from model.kv_cache import KVDecoder
 
         return KVDecoder(self, use_cache, decode, max_len)
+
+    def rows_decoder(self, capacity: int):
+        from model.kv_rows import KVRows
+
+        return KVRows(self, capacity)

@@ -1,6 +1,7 @@
 """The building blocks of the GPT, each variant a small module chosen by config.
 
-- Norms: `layernorm` (GPT-2) or `rmsnorm` (no mean, no bias; cheaper, modern default).
+- Norms: `layernorm` (GPT-2) or `rmsnorm` (no mean, no bias; cheaper, modern default), with
+  epsilon 1e-5 and 1e-6 unless `norm_eps` says otherwise (imported models keep their own).
 - Positions: learned absolute embeddings live in `GPT`; `rope` (rotary) is applied here to
   queries and keys, so attention scores depend only on relative offsets.
 - Attention: causal, through `F.scaled_dot_product_attention`, which dispatches to flash
@@ -10,7 +11,8 @@
   QK-norm normalises each head's queries and keys, which keeps logits bounded at high lr. A
   query sees at most block_size keys: longer sequences (rotary models generating past their
   context) get a sliding window, see `attention_mask`.
-- MLP: `gelu` (GPT-2), `swiglu` (gated, LLaMA), `relu2` (squared ReLU, modded-nanogpt).
+- MLP: `gelu` (exact, erf), `gelu_tanh` (the tanh approximation GPT-2 was trained with, HF's
+  `gelu_new`), `swiglu` (gated, LLaMA), `relu2` (squared ReLU, modded-nanogpt).
 
 Every linear layer whose output is added to the residual stream is named `c_proj`; `GPT`
 scales its initialisation with depth (GPT-2's 1/sqrt(2 * n_layer)).
@@ -24,25 +26,31 @@ import torch.nn.functional as F
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim: int, bias: bool):
+    def __init__(self, dim: int, bias: bool, eps: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.eps = eps or 1e-5
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, bias: bool = False):
+    def __init__(self, dim: int, bias: bool = False, eps: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps or 1e-6
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, 1e-6)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+
+
+def make_norm(cfg) -> nn.Module:
+    return NORMS[cfg.norm](cfg.n_embd, cfg.bias, cfg.norm_eps)
 
 
 class Rotary(nn.Module):
@@ -71,7 +79,12 @@ class Rotary(nn.Module):
             self._build(max(max_len, 2 * self.cos.shape[0]), self.cos.device)
 
     def forward(self, start: int | torch.Tensor, length: int):
-        if isinstance(start, torch.Tensor):  # a captured decode step: positions on the device, tables reserved
+        """(cos, sin) for positions start..start+length: (length, D/2), or (B, 1, length, D/2)
+        when start is a (B,) tensor of per-row positions (broadcast over the heads)."""
+        if isinstance(start, torch.Tensor):  # on the device (a captured step; a position per row): tables reserved
+            if start.dim() == 1:
+                positions = start[:, None] + torch.arange(length, device=self.cos.device)
+                return self.cos[positions][:, None], self.sin[positions][:, None]
             positions = start + torch.arange(length, device=self.cos.device)
             return self.cos[positions], self.sin[positions]
         self.reserve(start + length)
@@ -107,6 +120,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_eps = cfg.norm_eps or None  # None: F.rms_norm's default, the dtype's epsilon
         self.window = cfg.block_size  # a query sees at most this many keys (itself included)
         kv_dim = self.n_kv_head * self.head_dim
         # One matmul for queries, keys and values.
@@ -124,7 +138,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+            eps = self.qk_norm_eps
+            q, k = F.rms_norm(q, (self.head_dim,), eps=eps), F.rms_norm(k, (self.head_dim,), eps=eps)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
@@ -148,6 +163,10 @@ def mlp_width(cfg) -> int:
 
 def relu2(x):
     return F.relu(x).square()
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -181,7 +200,7 @@ class SwiGLU(nn.Module):
 def make_mlp(cfg) -> nn.Module:
     if cfg.mlp == "swiglu":
         return SwiGLU(cfg)
-    return MLP(cfg, {"gelu": F.gelu, "relu2": relu2}[cfg.mlp])
+    return MLP(cfg, {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu2": relu2}[cfg.mlp])
 
 
 class Block(nn.Module):
@@ -189,10 +208,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        norm = NORMS[cfg.norm]
-        self.ln_1 = norm(cfg.n_embd, cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = norm(cfg.n_embd, cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
 
     def forward(self, x, rotary=None, kv_cache=None):

@@ -121,18 +121,20 @@ def test_glob_and_text_field(tmp_path):
 
 
 @pytest.mark.parametrize("shard_tokens", [100_000_000, 997])
-def test_single_document_splits_by_token_position(tmp_path, monkeypatch, shard_tokens):
+def test_single_document_splits_by_byte_position(tmp_path, monkeypatch, shard_tokens):
     gpt2_or_skip()
     monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # streamed in pieces all the same
-    text = "".join(make_docs(200))
+    text = "".join(make_docs(200)) + "é" * 50  # a multi-byte character may sit at the cut
     (tmp_path / "novel.txt").write_text(text, encoding="utf-8")
     out = prepare([str(tmp_path / "novel.txt")], "gpt2", tmp_path / "out", 0.1, log=quiet, shard_tokens=shard_tokens)
     meta = read_meta(out)
     assert meta["split_by"] == "position" and meta["eot_id"] is None
     tok = from_state(meta["tokenizer"])
-    expected = tok.encode(text)
-    n_val = int(len(expected) * 0.1)
-    assert split_tokens(out, "train") == expected[:-n_val] and split_tokens(out, "val") == expected[-n_val:]
+    data = text.encode()
+    cut = len(data) - int(len(data) * 0.1)
+    train_text = data[:cut].decode("utf-8", "ignore")
+    assert split_tokens(out, "train") == tok.encode(train_text)
+    assert split_tokens(out, "val") == tok.encode(text[len(train_text):])
     listed = {s["file"] for shards in meta["splits"].values() for s in shards}
     assert {f.name for f in out.glob("*.bin")} == listed
     assert all(0 < s["tokens"] <= shard_tokens for shards in meta["splits"].values() for s in shards)
@@ -387,3 +389,16 @@ def test_concurrent_preps_of_one_folder_prepare_once(tmp_path):
                                                log=logs.append), range(3)))
     assert len(set(outs)) == 1 and sum(line.startswith("preparing") for line in logs) == 1
     assert documents(outs[0], "train") and documents(outs[0], "val")
+
+
+def test_a_single_file_bpe_learns_its_merges_from_the_train_split_only(tmp_path):
+    """The val tail of a one-file corpus must not shape the tokenizer (it would leak val)."""
+    train_text = "".join(make_docs(60))
+    val_text = "zqxj " * (len(train_text) // 5 // 9)  # about a tenth, and made of a pair found nowhere else
+    (tmp_path / "novel.txt").write_text(train_text + val_text)
+    out = prepare([str(tmp_path / "novel.txt")], "bpe", tmp_path / "out", 0.1, log=quiet, bpe_vocab_size=320)
+    tok = from_state(read_meta(out)["tokenizer"])
+    assert not [t for t in tok.ranks if b"zq" in t or b"xj" in t]
+    both = prepare([str(tmp_path / "novel.txt")], "bpe", tmp_path / "out2", 0.01, log=quiet, bpe_vocab_size=320)
+    assert [t for t in from_state(read_meta(both)["tokenizer"]).ranks if b"zq" in t]  # seen when it is train
+

@@ -9,9 +9,11 @@ resumed to step 6 follows the same schedule as one that goes straight to 6.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,28 +118,61 @@ def test_resume_two_process_run_in_one_process(runs):
     _assert_same_params(straight, resumed, atol=1e-5)
 
 
-def test_dead_rank_ends_the_job_with_an_error(runs, tmp_path):
-    # Rank 1 vanishes (as if killed) at its third micro-batch, in the middle of training.
-    script = tmp_path / "dying_train.py"
-    script.write_text(textwrap.dedent("""
-        import os
-        from data.loader import RandomWindows
-        real_next_batch, calls = RandomWindows.next_batch, []
-        def next_batch(self):
+def test_dead_rank_ends_the_job_without_hanging_or_saving(runs, tmp_path):
+    # Rank 1 vanishes (as if killed) at the end of its second step, after that step's gradient
+    # all-reduce: rank 0 finishes the step and then cannot agree on the next one with a dead peer.
+    script, died = tmp_path / "dying_train.py", tmp_path / "died"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        from trainer.optim import Optimizers
+        real_zero_grad, calls = Optimizers.zero_grad, []
+        def zero_grad(self):
             calls.append(1)
-            if os.environ["RANK"] == "1" and len(calls) == 3:
+            if os.environ["RANK"] == "1" and len(calls) == 2:
+                open({str(died)!r}, "w").write(str(time.time()))
                 os._exit(7)
-            return real_next_batch(self)
-        RandomWindows.next_batch = next_batch
+            return real_zero_grad(self)
+        Optimizers.zero_grad = zero_grad
         import train
         train.main()
     """))
     result = _train(tmp_path / "out", runs.prepared, "train.max_iters=6", "train.parallel=ddp",
-                    "train.dist_timeout_s=30", nproc=2, script=str(script))
+                    "train.dist_timeout_s=60", nproc=2, script=str(script))
     assert result.returncode != 0
     report = result.stdout + result.stderr
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*7", report), report[-3000:]
+    assert "rank 0: stopped without saving: the other ranks did not answer" in report, report[-3000:]
+    assert time.time() - float(died.read_text()) < 20  # not the 60 s timeout, nor torchrun's 30 s before SIGKILL
     assert not (tmp_path / "out" / "latest.pt").exists()
+
+
+def test_a_preempted_job_saves_the_current_step_on_every_rank_and_resumes_exactly(runs, tmp_path):
+    # SIGTERM to the torchrun launcher, which passes it to both ranks: they agree on a step, save
+    # it once (no eval or periodic checkpoint comes before step 1000), and exit.
+    out = tmp_path / "preempted"
+    corpus = Path(runs.prepared).parent / "corpus.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           str(REPO / "configs/small.yaml"), *TINY, f"data.input={corpus}", f"data.prepared_dir={runs.prepared}",
+           f"out_dir={out}", "train.max_iters=1000", "train.eval_interval=1000", "train.parallel=ddp"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not _logged_iters(out) or max(_logged_iters(out)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    saved = torch.load(out / "latest.pt", weights_only=True)["iter"]
+    assert saved == max(_logged_iters(out)) >= 3, stdout[-2000:] + stderr[-2000:]  # the step the ranks were at
+    assert f"SIGTERM: stopped at iter {saved}, checkpoint saved" in stdout
+    end = max(6, saved + 2)  # usually 6: the reference run is then shared with another test
+    _ok(_train(out, runs.prepared, f"train.max_iters={end}", "train.eval_interval=1000", "resume=true"))
+    _assert_same_params(runs(f"one-{end}", f"train.max_iters={end}"), out, atol=1e-5)
+
+
+def _logged_iters(out_dir) -> list[int]:
+    path = Path(out_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["iter"] for line in lines if line.endswith("}")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_wsd_is_flat_then_decays_linearly_over_the_final_fraction():
 
 
 def test_an_unknown_arch_lists_the_families():
-    with pytest.raises(UserError, match=r"model.arch='transformer' is not one of: gpt"):
+    with pytest.raises(UserError, match=r"model.arch='transformer' is not one of: ngram, lstm, gpt, rwkv$"):
         load_config("configs/small.yaml", ["model.arch=transformer"])
 
 

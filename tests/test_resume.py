@@ -9,16 +9,19 @@ bit-for-bit equality.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
 from trainer.checkpoint import BEST, LATEST, history, load_checkpoint
-from trainer.signals import StopRequest
-from trainrun import Forker, make_data, metrics, popen_train, train_args
+from trainrun import REPO, Forker, make_data, metrics, popen_train, train_args
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,11 @@ def reference(data, forker, tmp_path_factory):
     proc.join(300)
     assert proc.exitcode == 0, (folder / "log").read_text()
     return metrics(folder / "run")
+
+
+def load_checkpoint_bytes(blob: bytes) -> dict:
+    import torch
+    return torch.load(io.BytesIO(blob), weights_only=True)
 
 
 def wait_for_iter(out_dir, n: int, alive, timeout: float = 120):
@@ -84,17 +92,61 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly(data, forker, tmp_path
     assert "Traceback" not in log
 
 
-def test_a_second_sigint_aborts_at_once():
-    with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # the handler runs between bytecodes
-        assert stop.reason == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM only repeats the request
+def _abort_in_slow_step(data, forker, tmp_path, *overrides, second_signal: bool):
+    """A run that checkpoints every step and whose fourth step runs one long kernel (minutes): signal
+    it once inside that kernel (and again after 1.2 s when second_signal). Returns (seconds from
+    the last signal to the process's end, exit code, log, the checkpoint before and after)."""
+    out, marker = tmp_path / "run", tmp_path / "slow-kernel-started"
+    args = train_args(data, out, "train.ckpt_interval=1", *overrides)
+    proc = forker.start_slow(args, tmp_path / "log", slow_from_call=7, marker=marker)  # grad_accum 2: step 3
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.is_alive() and time.monotonic() < deadline, (tmp_path / "log").read_text()
         time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    before = (out / LATEST).read_bytes()
+    time.sleep(0.3)  # inside the kernel
+    os.kill(proc.pid, signal.SIGTERM)
+    if second_signal:
+        time.sleep(1.2)  # more than SAME_REQUEST_S: a new request, not the same one delivered twice
+        os.kill(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    proc.join(15)
+    took = time.monotonic() - sent
+    if proc.is_alive():
+        proc.kill()
+    return took, proc.exitcode, (tmp_path / "log").read_text(), before, (out / LATEST).read_bytes()
+
+
+def test_a_second_sigterm_aborts_within_a_long_kernel_and_keeps_the_checkpoint(data, forker, tmp_path):
+    took, code, log, before, after = _abort_in_slow_step(data, forker, tmp_path, second_signal=True)
+    assert took < 5 and code == 128 + signal.SIGTERM, (took, code, log)
+    assert "SIGTERM again: aborting now, without saving" in log
+    assert after == before and load_checkpoint_bytes(after)["iter"] == 3
+
+
+def test_a_step_that_outlasts_the_grace_period_is_aborted(data, forker, tmp_path):
+    took, code, log, before, after = _abort_in_slow_step(data, forker, tmp_path, "train.signal_grace_s=2",
+                                                         second_signal=False)
+    assert 1.5 < took < 5 and code == 128 + signal.SIGTERM, (took, code, log)
+    assert "SIGTERM: the step did not finish within train.signal_grace_s=2 s of the signal" in log
+    assert after == before
+
+
+def test_the_same_signal_delivered_twice_at_once_is_one_request():
+    # A scheduler signalling every process while torchrun forwards the signal: two SIGTERMs within
+    # milliseconds must not abort the save they ask for. (A subprocess: an abort ends the process.)
+    code = textwrap.dedent("""
+        import os, signal, time
+        from trainer.signals import StopRequest
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            print(stop.reason)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "SIGTERM", result.stdout + result.stderr
 
 
 def test_max_time_stops_at_the_budget_evaluates_and_saves(data, forker, tmp_path):

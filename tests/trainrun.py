@@ -59,6 +59,26 @@ def _child(args: list[str], log: str):
     train.main(args)
 
 
+def _slow_child(args: list[str], log: str, slow_from_call: int, marker: str):
+    """`_child`, with every model forward from the `slow_from_call`-th on running one long kernel
+    first: a chain of 2048x2048 matmuls inside a single torch op (minutes of CPU; no sleep), after
+    touching `marker`. What a signal must cut short."""
+    import torch
+    from model.gpt import GPT
+
+    forward, calls = GPT.forward, [0]
+
+    def slow_forward(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] >= slow_from_call:
+            Path(marker).touch()
+            torch.linalg.matrix_power(torch.eye(2048), 2**62 - 1)  # 123 matmuls in one op
+        return forward(self, *a, **kw)
+
+    GPT.forward = slow_forward
+    _child(args, log)
+
+
 class Forker:
     """Starts `train.main(args)` in fresh processes forked from a server that imported train."""
 
@@ -68,6 +88,12 @@ class Forker:
 
     def start(self, args: list[str], log: Path) -> multiprocessing.Process:
         proc = self.ctx.Process(target=_child, args=(args, str(log)))
+        proc.start()
+        return proc
+
+    def start_slow(self, args: list[str], log: Path, slow_from_call: int, marker: Path) -> multiprocessing.Process:
+        """A run whose forwards turn into one long kernel from the given call on (`_slow_child`)."""
+        proc = self.ctx.Process(target=_slow_child, args=(args, str(log), slow_from_call, str(marker)))
         proc.start()
         return proc
 

@@ -146,6 +146,9 @@ def load_checkpoint(path: str | Path, map_location="cpu", for_training: bool = F
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: not a checkpoint of this trainer (format {FORMAT_VERSION})")
     missing = [k for k in REQUIRED + (TRAINING if for_training else ()) if k not in ckpt]
+    if missing and "converted_from" in ckpt and all(k in ckpt for k in REQUIRED):
+        raise UserError(f"{path}: a model imported from {ckpt['converted_from']} has no training state to resume; "
+                        f"start a run from it with init_from={path.parent}")
     if missing:
         raise UserError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return ckpt

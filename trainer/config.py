@@ -113,11 +113,15 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     dist_timeout_s: int = 300  # a collective waiting longer than this ends the job with an error
     ckpt_interval: int = 0  # steps between checkpoints (latest.pt); 0 = at every eval
+    ckpt_time_interval: str = "auto"  # wall-clock time between checkpoints, e.g. 30m, 2h; auto = 30m under ddp|fsdp, else off; "" = off
     keep_last: int = 0  # also keep the newest N checkpoints as ckpt-<iter>.pt; 0 = none
     max_time: str = ""  # wall-clock budget of this process, e.g. 90s, 5m, 2h, 1d; "" = none
     max_bad_steps: int = 10  # stop after more than this many skipped updates in a row
     spike_z: float = 0.0  # skip an update whose loss or grad norm is this many std above its recent mean; 0 = off
     spike_window: int = 128  # recent good steps the spike guard's mean and std are taken over
+    tensorboard: bool = False  # also log metrics.jsonl's scalars to out_dir/tensorboard (extra [tensorboard])
+    signal_grace_s: float = 60.0  # after SIGTERM/SIGINT, a step not finished within this many seconds is aborted unsaved
+    memory_check: bool = True  # estimate the peak memory before starting and refuse a run that cannot fit (trainer/plan.py)
 
     def validate(self):
         positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
@@ -127,6 +131,8 @@ class TrainConfig:
         choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
         choice(self, "train", "attention", ("auto", "flash", "cudnn", "efficient", "math"))
         parse_duration(self.max_time, "train.max_time")
+        self.ckpt_period_s()
+        positive(self, "train", "signal_grace_s")
         if self.tokens_per_step and self.grad_accum != 1:
             raise UserError(f"train.grad_accum={self.grad_accum} conflicts with train.tokens_per_step="
                             f"{self.tokens_per_step}: accumulation is derived from tokens_per_step; "
@@ -134,6 +140,13 @@ class TrainConfig:
         choice(self, "train", "dtype", ("auto", "float32", "bfloat16", "float16"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+    def ckpt_period_s(self) -> float | None:
+        """Seconds between time-based checkpoints, or None when off."""
+        if self.ckpt_time_interval == "auto":
+            return 30 * 60.0 if self.parallel != "none" else None
+        return parse_duration(self.ckpt_time_interval, "train.ckpt_time_interval")
 
 
 @dataclass
@@ -145,7 +158,7 @@ class Config:
     out_dir: str = "out"  # run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False  # start afresh even if out_dir already holds a run
-    init_from: str = ""  # start a fresh run from these weights: a run folder or checkpoint file (trainer/init.py)
+    init_from: str = ""  # start afresh from these weights: run folder, checkpoint, HF folder, hf:NAME (trainer/init.py)
 
     given = frozenset()  # not a field: the dotted keys the YAML file or command line set (load_config)
 

@@ -8,8 +8,13 @@ Design decisions:
   (bench/ddp_overhead.py) and a config runs unchanged with or without torchrun.
 - NCCL on CUDA (each process on cuda:LOCAL_RANK), gloo on CPU. Every collective has a timeout
   (`train.dist_timeout_s`): a rank that stops answering ends the job with an error, never a
-  hang. A rank that dies is noticed sooner: torchrun stops the others and reports the first
-  failure, and the survivors say on stderr why they stopped.
+  hang. A rank that dies is noticed sooner: torchrun stops the others (SIGTERM) and reports the
+  first failure; the survivors cannot agree with it (below), say so and exit without saving.
+- Decisions that depend on a rank's own clock or signals (stop on a signal, stop at
+  `train.max_time`, a time-based checkpoint) are agreed every step by a one-float-per-flag
+  all-reduce on a CPU (gloo) group, so it never waits on the GPU's queue; on CPU that group is
+  the default one. A signalled job thus saves the same step on every rank, within the grace
+  that torchrun (`--shutdown-timeout`, 30 s by default) or the scheduler allows.
 - `parallel: ddp` wraps the model in DistributedDataParallel. `parallel: fsdp` applies FSDP2's
   `fully_shard` to each block, then to the root (torchtitan's layout), sharding parameters,
   gradients and optimizer state; on GPU its policy computes in the run's low-precision dtype
@@ -46,7 +51,6 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer.checkpoint import LATEST, load_checkpoint
 from common.errors import UserError
 from trainer.rundir import claim_out_dir
-from trainer.signals import exit_on_sigterm
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    control: object = None  # the CPU process group for agreements (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -128,8 +133,8 @@ def init_distributed(train_cfg, rt) -> Dist:
         dist.init_process_group(**group, store=dist.HashStore(), rank=0, world_size=1)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
-    exit_on_sigterm(rank)
-    return Dist(train_cfg.parallel, rank, local_rank, world)
+    control = dist.new_group(backend="gloo", timeout=timeout) if cuda else None  # None: the default (gloo) group
+    return Dist(train_cfg.parallel, rank, local_rank, world, control)
 
 
 def shutdown(d: Dist):
@@ -220,21 +225,6 @@ def all_reduce_sum(d: Dist, *tensors: torch.Tensor):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def shard_batches(batches, d: Dist):
-    """This rank's share (every world_size-th) of an iterable of batches, as (batch, weight).
-    Ranks that get fewer batches repeat one with weight 0, so every rank runs the same number of
-    forwards: FSDP's all-gathers need all of them."""
-    mine, seen, first = 0, 0, None
-    for i, batch in enumerate(batches):
-        first = batch if first is None else first
-        seen += 1
-        if i % d.world_size == d.rank:
-            mine += 1
-            yield batch, 1.0
-    for _ in range(-(-seen // d.world_size) - mine):
-        yield first, 0.0
-
-
 def full_state(model: torch.nn.Module, optimizers) -> tuple[dict, dict]:
     """Unsharded model and optimizer state on CPU, keyed by parameter name. A collective under
     FSDP (every rank must call it); only rank 0's copy is complete. One process assembles the
@@ -287,11 +277,17 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def agree(d: Dist, device: torch.device, *flags: bool) -> tuple[bool, ...]:
-    """Each flag, true on every rank when true on any (one small all-reduce, a sync; call it at a
-    point that every rank reaches)."""
+def agree(d: Dist, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank when true on any: one small all-reduce on the CPU group, at a
+    point every rank reaches. A rank that cannot agree (another has died, or hangs past
+    `train.dist_timeout_s`) exits without saving, saying why, instead of waiting for it."""
     if not d.enabled:
         return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(f) for f in flags])
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.control)
+    except RuntimeError as e:  # gloo's and torch.distributed's errors (DistError is one)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SystemExit(f"rank {d.rank}: stopped without saving: the other ranks did not answer ({reason}); "
+                         f"another process of the job failed or was stopped (torchrun's report names it)") from None
     return tuple(bool(v) for v in t.tolist())

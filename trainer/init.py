@@ -2,7 +2,9 @@
 
     python train.py configs/sft.yaml init_from=out/base
 
-The source is a run folder (its best.pt, else latest.pt) or a checkpoint file. The new run takes
+The source is a run folder (its best.pt, else latest.pt), a checkpoint file, or a Hugging Face model
+(a folder with config.json, or hf:NAME), imported in memory by model/convert.py into the same
+checkpoint dict an imported run folder holds, so everything below treats them alike. The new run takes
 the source's weights, model config and tokenizer, and starts everything else afresh: optimizer,
 schedule, data position, iteration 0. (`resume=true` is the other thing: continue a run.)
 
@@ -28,7 +30,7 @@ import torch
 
 from common.errors import UserError
 from data.tokenizer import from_state
-from model import build_model, config_class, padded_vocab
+from model import FAMILIES, build_model, config_class, padded_vocab
 from trainer.checkpoint import find_checkpoint, load_checkpoint
 
 
@@ -66,11 +68,14 @@ def resumed_model_config(cfg, ckpt: dict):
 def load_init(cfg) -> InitWeights:
     """The weights, model config and tokenizer that `cfg.init_from` names, with the user's explicit
     model keys applied."""
-    path = find_checkpoint(cfg.init_from)
-    ckpt = load_checkpoint(path, mmap=True)
+    ckpt, path = read_source(cfg.init_from)
     saved = ckpt["config"]["model"]
     merged, explicit = explicit_model_keys(cfg, saved, cfg.init_from)
-    model_cls = config_class(merged.get("arch", "gpt"))
+    arch = merged.get("arch", "gpt")
+    if not FAMILIES[arch][1].trainable:
+        raise UserError(f"init_from={cfg.init_from}: its model (model.arch={arch}) is counted, not trained: it has no "
+                        f"weights to start from; count a new run instead")
+    model_cls = config_class(arch)
     tokenizer = from_state(ckpt["tokenizer"])
     old_vocab = saved["vocab_size"]
     asked = explicit.get("vocab_size", 0)
@@ -96,6 +101,16 @@ def load_init(cfg) -> InitWeights:
     for name in grown & state.keys():
         state[name] = grow_rows(state[name], model_cfg.vocab_size)
     return InitWeights(model_cfg, tokenizer, state, path)
+
+
+def read_source(source: str) -> tuple[dict, Path | str]:
+    """(checkpoint dict, where it came from) for a run folder, checkpoint file or Hugging Face model."""
+    from model.convert import imported_checkpoint, is_hf_source
+
+    if is_hf_source(source):
+        return imported_checkpoint(source), source
+    path = find_checkpoint(source)
+    return load_checkpoint(path, mmap=True), path
 
 
 def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:

@@ -35,7 +35,8 @@ RESUME_SAFE_KEYS = {
     "data.prep_workers", "out_dir", "resume", "overwrite",
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout_s",  # same math, other layout
     "train.ckpt_interval", "train.keep_last", "train.max_time", "train.max_bad_steps", "train.spike_z",
-    "train.spike_window",
+    "train.spike_window", "train.tensorboard", "train.ckpt_time_interval", "train.signal_grace_s",
+    "train.memory_check",
 }
 
 
@@ -95,12 +96,15 @@ def flat(d: dict, prefix: str = "") -> dict:
 def check_resume_config(cfg: Config, ckpt: dict, log=print):
     """Refuse a resume whose config changes anything but the safe keys, or that has nothing left
     to do; log the safe changes."""
-    saved = flat(ckpt["config"])
+    # Through the schema, so a key added since the checkpoint was written reads as its default.
+    saved = flat(Config.from_dict(ckpt["config"], source=f"{cfg.out_dir} (checkpoint config)").to_dict())
     wanted = flat(cfg.to_dict())
     if wanted.get("model.vocab_size") == 0:  # unresolved: the checkpoint's resolution stands
         wanted["model.vocab_size"] = saved.get("model.vocab_size")
     changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
     unsafe = [k for k in changed if k not in RESUME_SAFE_KEYS]
+    if "model.arch" in unsafe:  # another family: every model key differs, and only this one matters
+        unsafe = ["model.arch"]
     if unsafe:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in unsafe)
         raise UserError(f"cannot resume {cfg.out_dir}: config differs from its checkpoint in {diffs}")
