@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `pyt
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import REPO, machine  # noqa: E402
+from bench.harness import REPO, machine  # noqa: E402
 
 from model import GPT  # noqa: E402
 from model.generate import Sampling, generate, sample_next  # noqa: E402

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages first (its common/)
-from bench.common import REPO, machine  # noqa: E402
+from bench.harness import REPO, machine  # noqa: E402
 
 
 def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:

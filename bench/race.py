@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages first (its common/)
-from bench.common import REPO, machine  # noqa: E402
+from bench.harness import REPO, machine  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
