@@ -6,7 +6,8 @@
 qkv: the attention's c_attn weight stacks W_q, W_k and W_v, shape (3C, C). This trainer's Muon
 orthogonalises it as one matrix; modded-nanogpt orthogonalises the three C x C blocks
 separately (each block's update then has unit singular values of its own, instead of sharing
-one spectrum with the other two). Each config trains to its max_iters with no early stop, once
+one spectrum with the other two), each at the scale of a square matrix (the same entry RMS as
+the whole matrix's update). Each config trains to its max_iters with no early stop, once
 per variant and seed, and the final val loss over the whole val split is compared at equal
 steps. The split variant runs train.py with `zeropower_via_newtonschulz5` wrapped so that a
 (3C, C) matrix is orthogonalised as a batch of three (C, C) ones; nothing else changes.
@@ -30,15 +31,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages first (its common/)
 from bench.harness import REPO, machine  # noqa: E402
 
-SPLIT_TRAIN = textwrap.dedent("""
+SPLIT_TRAIN = textwrap.dedent(f"""
     import sys
+    sys.path.insert(0, {str(REPO)!r})  # this checkout's packages, not an installed copy's
     import trainer.muon as muon
     whole = muon.zeropower_via_newtonschulz5
 
     def split_qkv(G, steps=5, dtype=None):
+        # Same-shaped matrices arrive stacked: (layers, 3C, C) for c_attn, whose three C x C
+        # blocks are W_q, W_k and W_v (the MLP's are 4C x C and C x 4C). Each block is
+        # orthogonalised alone; divided by sqrt(3) because Muon scales a (3C, C) update by
+        # sqrt(rows / cols), while modded-nanogpt scales each square block by 1.
         rows, cols = G.shape[-2:]
-        if rows == 3 * cols:  # c_attn: W_q, W_k and W_v stacked (the MLP's are 4C x C and C x 4C)
-            return whole(G.reshape(3, cols, cols), steps, dtype).reshape(G.shape)
+        if rows == 3 * cols:
+            return whole(G.reshape(-1, cols, cols), steps, dtype).reshape(G.shape) / 3 ** 0.5
         return whole(G, steps, dtype)
 
     muon.zeropower_via_newtonschulz5 = split_qkv

@@ -61,7 +61,7 @@ Design decisions:
 * Same-shaped matrices (a transformer has a few shapes, once per layer) are
   orthogonalised together as one batch, each step two fused multiply-adds
   (baddbmm) and a Gram product: a handful of larger ops per step instead of
-  five per matrix (bench/muon_qkv.py --step times both).
+  five per matrix (`python bench/muon.py step` times both).
 
 * State is only ``state[p]["momentum_buffer"]`` (a tensor like ``p``);
   hyperparameters live in ``param_groups`` as plain Python floats/bools/ints/
