@@ -19,7 +19,7 @@ synchronised. `--quick` shortens everything for a smoke test.
 
 Two more modes, for the CPU:
 
-    python bench/generate.py --sample-py [--rounds 3] [--tokens 1000] [--prompt ROMEO:]
+    python bench/generate.py --sample-py [--rounds 3] [--tokens 1000] [--prompt ROMEO:] [--also '--dtype bfloat16']
     python bench/generate.py --profile [--tokens 200] [--threads 2]
 
 `--sample-py` times what a user runs: `python sample.py --ckpt RUN --prompt ROMEO:
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,17 +133,28 @@ def sample_py_vs_recompute(args):
         subprocess.run([sys.executable, "train.py", "configs/classic-cpu.yaml", *shape, "train.max_iters=1",
                         "train.final_eval_tokens=2560", f"out_dir={run}", f"data.prepared_dir={tmp}/prep"],
                        cwd=REPO, check=True, capture_output=True)
+        also = {extra: [] for extra in args.also}
         for r in range(args.rounds):
-            proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(run), "--prompt", args.prompt,
-                                   "--max-new-tokens", str(args.tokens), "--temperature", "1.0"],
-                                  cwd=REPO, capture_output=True, text=True, check=True)
-            ours = float(SAMPLE_LINE.search(proc.stderr)[3])
+            def sample_py(*extra):
+                proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(run), "--prompt", args.prompt,
+                                       "--max-new-tokens", str(args.tokens), "--temperature", "1.0", *extra],
+                                      cwd=REPO, capture_output=True, text=True, check=True)
+                return float(SAMPLE_LINE.search(proc.stderr)[3])
+
+            ours = sample_py()
+            variants = {extra: sample_py(*extra.split()) for extra in args.also}
             proc = subprocess.run([sys.executable, __file__, "--nanogpt-child", str(run), "--prompt", args.prompt,
                                    "--tokens", str(args.tokens)], cwd=REPO, capture_output=True, text=True, check=True)
             base = float(proc.stderr.strip().splitlines()[-1])
             ratios.append((ours / base, ours, base))
+            for extra, speed in variants.items():
+                also[extra].append(speed / base)
             print(f"round {r + 1}: sample.py {ours:.1f} tokens/s, nanoGPT's generate {base:.1f} tokens/s: "
-                  f"{ours / base:.1f}x", flush=True)
+                  f"{ours / base:.1f}x" + "".join(f"; sample.py {extra} {speed:.1f} tokens/s: {speed / base:.1f}x"
+                                                 for extra, speed in variants.items()), flush=True)
+        for extra, rs in also.items():
+            print(f"sample.py {extra} / nanoGPT-style recompute (float32): median {statistics.median(rs):.1f}x "
+                  f"(rounds {min(rs):.1f}-{max(rs):.1f}x)")
     ratio, ours, base = sorted(ratios)[len(ratios) // 2]
     print(f"sample.py / nanoGPT-style recompute: {ratio:.1f}x (median round: {ours:.1f} vs {base:.1f} tokens/s; "
           f"rounds {min(r[0] for r in ratios):.1f}-{max(r[0] for r in ratios):.1f}x; target >= 10x)")
@@ -185,6 +197,8 @@ def main():
     ap.add_argument("--sample-py", action="store_true", help="sample.py's summary line against nanoGPT's generate")
     ap.add_argument("--profile", action="store_true", help="what one cached token costs on the CPU")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--also", action="append", default=[], metavar="ARGS",
+                    help="with --sample-py: also time sample.py with these extra arguments, e.g. '--dtype bfloat16'")
     ap.add_argument("--prompt", default="ROMEO:")
     ap.add_argument("--nanogpt-child", metavar="RUN", help=argparse.SUPPRESS)
     args = ap.parse_args()
