@@ -56,7 +56,9 @@ def ours(tmp: Path, target: float) -> dict:
     return {"wall_s": wall, "iter": stop["iter"], "val": stop["val_loss"], "val_tokens": stop["val_tokens"],
             "reached": whole and stop["val_loss"] <= target, "evaluations": len(evals),
             "full_evaluations": log.count("whole val split,"), "train_time_s": stop["train_time_s"],
-            "loop_s": float(done[1]) if done else float("nan"), "peak_mem_mb": stop.get("peak_mem_mb")}
+            "loop_s": float(done[1]) if done else float("nan"), "peak_mem_mb": stop.get("peak_mem_mb"),
+            "checks": ", ".join(f"iter {r['iter']}: estimate {r['val_estimate']:.4f}, whole split {r['val_loss']:.4f}"
+                                for r in evals if "val_estimate" in r)}
 
 
 def nanogpt(tmp: Path) -> dict:
@@ -90,6 +92,7 @@ def main():
               f"{a['evaluations']} evaluations of which {a['full_evaluations']} full; peak {a['peak_mem_mb']} MB) | "
               f"nanoGPT-equivalent {b['wall_s']:.1f} s (prepare {b['prep_s']:.1f} s; iter {b['iter']}, "
               f"20-batch val {b['val']:.4f}) | ratio {ratios[-1]:.3f}", flush=True)
+        print(f"  stop checks: {a['checks']}", flush=True)
     print(f"whole-command time, speedrun / nanoGPT-equivalent: {statistics.median(ratios):.3f} (median of "
           f"{len(ratios)} rounds; rounds {min(ratios):.3f}-{max(ratios):.3f}; target <= 0.40)")
 
