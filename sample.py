@@ -51,6 +51,15 @@ def unescape(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def decode_mode(device: torch.device, args) -> str:
+    """How one-token steps run (GPT's decoder, model/kv_cache.py): replayed from a CUDA graph on
+    CUDA; with fixed shapes when compiled (one compiled step serves every position); else over the
+    cache's valid slots, the least work for eager steps."""
+    if device.type == "cuda" and not args.no_cuda_graph:
+        return "graph"
+    return "static" if args.compile else "dynamic"
+
+
 def answer(prompt: str, echo_prompt: bool, model, tokenizer, args, rt: Runtime) -> int:
     """Generate args.num_samples continuations of prompt to stdout; returns the tokens made."""
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
@@ -67,7 +76,7 @@ def answer(prompt: str, echo_prompt: bool, model, tokenizer, args, rt: Runtime) 
     with rt.autocast:
         for step in generate(model, idx, args.max_new_tokens, sampling, generator, tokenizer.eot_id,
                              use_cache=not args.kv_cache_off, finished=finished,
-                             decode="graph" if rt.device.type == "cuda" and not args.no_cuda_graph else "dynamic"):
+                             decode=decode_mode(rt.device, args)):
             for i, tok in enumerate(step.tolist()):
                 if tok < 0:
                     continue
@@ -114,7 +123,8 @@ def main(argv=None):
                     help="recompute the whole context for every token (slow; for checking the cache)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="on CUDA, launch each token's kernels from Python instead of replaying a CUDA graph")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (pays on CUDA; on CPU only for long generations, see README)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = ap.parse_args(argv)
     with report_user_errors(args.debug):
@@ -128,8 +138,6 @@ def main(argv=None):
         if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={args.dtype} is not one of: auto, float32, bfloat16, float16")
         rt = Runtime(device, pick_dtype(args.dtype, device))
-        if args.compile and device.type != "cuda":
-            raise UserError(f"--compile is for CUDA devices; this run is on {device}")
         if args.system is not None and not args.chat:
             raise UserError("--system is for --chat")
         if args.chat and (args.interactive or args.num_samples > 1):

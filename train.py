@@ -36,16 +36,16 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from common.errors import UserError, report_user_errors
-from data.loader import build_loader, eval_windows, open_split
+from data.loader import TokenSplit, build_loader, eval_starts, eval_windows, open_split, packed_eval_batches
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state
-from model import build_model, padded_vocab
+from model import IGNORE, build_model, padded_vocab
 from model.lora import add_adapters, chat_token_ids, check_adapters
 from trainer.checkpoint import LATEST, load_model_state, save_run_checkpoint
 from trainer.config import load_config, parse_duration
 from trainer.count import fit_counted
 from trainer.dist import (NullLog, agree, all_reduce_sum, grad_sync, init_distributed, main_first, open_out_dir,
-                          plain_tensor, plan_batches, seed_rank_streams, shutdown, wrap_model)
+                          plain_tensor, plan_batches, seed_rank_streams, shard_batches, shutdown, wrap_model)
 from trainer.guard import StepGuard, guarded_step
 from trainer.init import load_init, resumed_model_config
 from trainer.memory import peak_memory_mb
@@ -117,13 +117,32 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
     model.to(rt.device)
     objective = build_objective(cfg, model)  # lm, or dpo with its frozen reference (trainer/objectives.py)
 
-    def evaluate(max_batches: int) -> dict:
-        batches = eval_windows(val_data, cfg.train.batch_size, cfg.model.block_size, rt.device, max_batches)
+    # What evaluations cover (data/loader.py). Text: a fixed sample of val windows for the periodic
+    # estimates; for a full evaluation the whole split, or a fixed sample of train.final_eval_tokens
+    # of it; each rank reads only its share of the windows. Conversations and preference pairs are
+    # packed alike on every rank, each evaluating its share of the batches (all, or eval_batches).
+    T, B, target = cfg.model.block_size, cfg.train.batch_size, cfg.train.stop_at_val_loss
+    full_scope = "whole val split"
+    if isinstance(val_data, TokenSplit):
+        bound = cfg.train.final_eval_tokens
+        full_starts = eval_starts(val_data, T, max(1, bound // T) if bound else 0)
+        sample_starts = eval_starts(val_data, T, cfg.train.eval_batches * B)
+        if len(full_starts) < (val_data.num_tokens - 1) // T:
+            full_scope = f"sample of the {val_data.num_tokens:,}-token val split"
+
+    def evaluate(full: bool) -> dict:
+        if isinstance(val_data, TokenSplit):
+            windows = eval_windows(val_data, full_starts if full else sample_starts, B, T, rt.device, d.rank,
+                                   d.world_size, ignore=IGNORE)
+            batches = ((batch, 1.0) for batch in windows)
+        else:
+            packed = packed_eval_batches(val_data, B, T, rt.device, 0 if full else cfg.train.eval_batches)
+            batches = shard_batches(packed, d)
         return objective.evaluate(model, batches, rt, d, token_bytes)
 
     if not model.trainable:  # a counted model (the n-gram): one pass over the train split, no optimizer
         return fit_counted(cfg, model, tokenizer, ckpt, train_data, stop, d.enabled,
-                           lambda: tuple(evaluate(0)[k] for k in ("val_loss", "val_bpb")))
+                           lambda: tuple(evaluate(full=True)[k] for k in ("val_loss", "val_bpb")))
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     wrapped = wrap_model(model, d, cfg.train, rt)  # FSDP shards `model` in place: build the optimizer after
     optimizer = build_optimizers(model, cfg.optim, rt.device.type)
@@ -189,26 +208,39 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
                                                 bool(stop.reason), ckpt_period is not None and now - last_save >= ckpt_period)
         if stopping:
             stop.step_finished()  # the grace period was for reaching this point; the save is not cut short
-        # Evaluate and checkpoint: every eval_interval steps, and over the whole val split at the end
-        # (max_iters or the time budget); only checkpoint every ckpt_interval steps, on the clock
-        # (ckpt_time_interval) and on a signal.
+        # Evaluate and checkpoint every eval_interval steps: an estimate over a fixed sample of val
+        # windows, or a full evaluation (the whole val split, up to final_eval_tokens) at the end
+        # (max_iters or the time budget) and when an estimate comes within stop_margin of
+        # stop_at_val_loss: only a full evaluation stops a run. Only checkpoint every ckpt_interval
+        # steps, on the clock (ckpt_time_interval) and on a signal.
         last = it == cfg.train.max_iters or out_of_time
         if last or (it % cfg.train.eval_interval == 0 and it > start_iter):
             eval_start = time.perf_counter()
-            evals = evaluate(0 if last else cfg.train.eval_batches)
+            full = last or not cfg.train.eval_batches
+            evals = evaluate(full)
+            estimate = None
+            if not full and target and evals["val_loss"] <= target + cfg.train.stop_margin:
+                estimate, full = evals["val_loss"], True
+                evals = evaluate(full)
             val_loss = evals["val_loss"]
+            scope = full_scope if full else "estimate"
+            if "val_tokens" in evals:
+                scope += f", {evals['val_tokens']:,} tokens"
+            if estimate is not None:
+                scope = f"estimate {estimate:.4f}, then {scope}"
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
             interval_loss_sum, interval_steps = 0.0, 0
             metrics.write(iter=it, **evals, train_loss=train_loss, tokens=it * tokens_per_step,
                           elapsed_s=round(eval_start - run_start, 3), train_time_s=round(eval_start - run_start - paused_s, 3),
-                          peak_mem_mb=round(peak_memory_mb(rt.device), 1))
+                          peak_mem_mb=round(peak_memory_mb(rt.device), 1),
+                          **({"val_estimate": estimate} if estimate is not None else {}))
             train_str = f"train {train_loss:.4f}, " if train_loss is not None else ""
-            tqdm.write(f"iter {it}: {train_str}{objective.describe(evals)}{' (whole val split)' if last else ''}")
+            tqdm.write(f"iter {it}: {train_str}{objective.describe(evals)}; {scope}")
             checkpoint(it, val_loss)
             paused_s += time.perf_counter() - eval_start
             window_start += time.perf_counter() - eval_start
-            if val_loss <= cfg.train.stop_at_val_loss:
-                tqdm.write(f"val loss {val_loss:.4f} <= train.stop_at_val_loss={cfg.train.stop_at_val_loss}: stopping")
+            if full and val_loss <= target:
+                tqdm.write(f"val loss {val_loss:.4f} ({full_scope}) <= train.stop_at_val_loss={target}: stopping")
                 break
         elif stopping or save_due or (cfg.train.ckpt_interval and it % cfg.train.ckpt_interval == 0 and it > start_iter):
             checkpoint(it, None)
@@ -272,8 +304,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
         why = stop.reason or f"train.max_time={cfg.train.max_time} reached"
         tqdm.write(f"{why}: stopped at iter {it}, checkpoint saved to {Path(cfg.out_dir) / LATEST}; "
                    f"continue with resume=true")
-    tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val "
-               f"{state.best_val_loss:.4f}; peak memory {peak_memory_mb(rt.device):,.0f} MiB; checkpoints in {cfg.out_dir}")
+    tqdm.write(f"done: {it} iterations in {time.perf_counter() - run_start:.1f}s; best val {state.best_val_loss:.4f}; "
+               f"peak memory {peak_memory_mb(rt.device):,.0f} MiB ({'allocated' if rt.device.type == 'cuda' else 'RSS'}); "
+               f"checkpoints in {cfg.out_dir}")
     shutdown(d)
     return state.best_val_loss
 

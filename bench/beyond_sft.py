@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import REPO, machine
+from bench.harness import REPO, machine
 
 DATA = REPO / "data" / "chat"
 MODEL = ["model.n_layer=3", "model.n_head=4", "model.n_embd=96", "model.pos=rope", "model.norm=rmsnorm",

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import REPO, machine
+from bench.harness import REPO, machine
 
 DATA = REPO / "data" / "chat"
 # The README's commands: conversations per task and their options (addition: 1- to 3-digit operands).

@@ -177,7 +177,7 @@ def main():
 
     import torch
 
-    from bench.common import machine
+    from bench.harness import machine
 
     make_source(work / "src")
     print(f"machine: {machine()}\n")

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import machine
+from harness import machine
 from model import GPT
 from model import GPTConfig
 from trainer.runtime import keep_freed_memory

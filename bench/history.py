@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import date
 
-from bench.common import REPO, machine
+from bench.harness import REPO, machine
 from common.errors import UserError, report_user_errors
 from common.files import atomic_write
 from compare import human, plot

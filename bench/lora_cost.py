@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import REPO, machine
+from bench.harness import REPO, machine
 
 
 def one(args) -> dict:

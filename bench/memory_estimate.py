@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, machine, train_run
+from harness import REPO, machine, train_run
 
 SHAPES = {
     "small": ("configs/small.yaml", ["train.max_iters=30", "train.eval_interval=10", "train.eval_batches=2"]),

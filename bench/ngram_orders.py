@@ -19,7 +19,7 @@ import time
 import torch
 
 import train
-from bench.common import REPO, machine
+from bench.harness import REPO, machine
 from data.loader import TokenSplit
 from data.prepare import prepare_data, read_meta
 from data.tokenizer import from_state

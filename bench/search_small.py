@@ -41,9 +41,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from bench.common import REPO
+from bench.harness import REPO
 
 OUT = REPO / "out/search"
 BUDGET_S = 258.0  # whole command, 4.3 minutes

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python bench/serve_load.py`
 
-from bench.common import REPO, machine  # noqa: E402
+from bench.harness import REPO, machine  # noqa: E402
 
 
 def random_checkpoint(folder: Path) -> Path:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, machine, train_run
+from harness import REPO, machine, train_run
 
 
 def main():

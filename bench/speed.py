@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from common import machine, train_run
+from harness import machine, train_run
 
 
 def main():

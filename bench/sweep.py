@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from common import REPO
+from harness import REPO
 
 
 def run_one(config, name, overrides, out_root):

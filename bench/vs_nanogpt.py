@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import REPO, machine, train_run
+from harness import REPO, machine, train_run
 
 B, T, L, H, C = 12, 64, 4, 4, 128
 

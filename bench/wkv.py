@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.common import machine
+from bench.harness import machine
 from model.rwkv import LOG_DECAY_MIN, wkv_chunked, wkv_step
 
 

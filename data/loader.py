@@ -27,13 +27,14 @@ positions are drawn in the caller's thread in order, so prefetching never change
 come out, and `state()` describes the batches handed out, not the one prepared ahead: a
 checkpoint resumes at the first batch the model has not seen.
 
-`eval_windows` walks a split in order, in non-overlapping windows, for a loss over the whole
-split.
+`eval_starts` cuts a split into non-overlapping windows (all of them, or a fixed sample) and
+`eval_windows` reads a rank's share of them, for a loss over the whole split or an estimate.
 
 Chat data (`data.format: chat`) is batched by data/packing.py instead: whole conversations
 packed into rows, targets masked outside assistant turns; preference pairs (`data.format:
-preference`) by data/preferences.py, one conversation per row, chosen rows then rejected. `open_split`, `build_loader` and
-`eval_windows` pick the kind from the prepared folder, so the training loop is the same for both.
+preference`) by data/preferences.py, one conversation per row, chosen rows then rejected.
+`open_split` and `build_loader` pick the kind from the prepared folder, and
+`packed_eval_batches` evaluates either, so the training loop is the same for all three.
 """
 
 from __future__ import annotations
@@ -258,27 +259,42 @@ def build_loader(sampling: str, data: TokenSplit, batch_size: int, block_size: i
     raise UserError(f"data.sampling={sampling!r} is not one of: {', '.join(SAMPLERS)}")
 
 
-def eval_windows(data: TokenSplit, batch_size: int, block_size: int, device: torch.device,
-                 max_batches: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
-    """Yield (x, y) over the split: every full non-overlapping window in order (this rank's
-    every world_size-th) when max_batches is 0, else max_batches batches of random windows from
-    a fixed seed (the same windows each call, so successive estimates are comparable)."""
-    from data.packing import ConversationSplit, conversation_batches
+def eval_starts(data: TokenSplit, block_size: int, max_windows: int = 0, seed: int = 0) -> np.ndarray:
+    """Where the windows an evaluation covers start: the split cut into non-overlapping windows of
+    block_size inputs, all of them when max_windows is 0 or at least their number, else a fixed
+    random sample of max_windows of them (seeded: the same windows at every call, so successive
+    estimates are comparable, and drawn from the same windows the whole split is cut into, so an
+    estimate has no bias against it), in order."""
+    count = (data.num_tokens - 1) // block_size
+    if max_windows and max_windows < count:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        return np.sort(rng.choice(count, size=max_windows, replace=False)).astype(np.int64) * block_size
+    return np.arange(count, dtype=np.int64) * block_size
+
+
+def eval_windows(data: TokenSplit, starts: np.ndarray, batch_size: int, block_size: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1, ignore: int = -1):
+    """Yield (x, y) batches of this rank's share of the windows at `starts` (every world_size-th),
+    so N ranks read and evaluate a window each once between them. Every rank yields the same
+    number of batches (FSDP's forward is a collective: the ranks' forwards must pair up): a rank
+    whose share runs out first gets batches whose targets are all `ignore`, which count nothing."""
+    mine = starts[rank::world_size]
+    batches = -(-len(starts[0::world_size]) // batch_size)  # rank 0 has the largest share
+    for i in range(batches):
+        chunk = mine[i * batch_size:(i + 1) * batch_size]
+        rows = data.rows(chunk if len(chunk) else starts[:1], block_size + 1)
+        if not len(chunk):  # nothing left for this rank: any window, counting nothing
+            rows[:, 1:] = ignore
+        yield to_device(rows[:, :-1], device), to_device(rows[:, 1:], device)
+
+
+def packed_eval_batches(data, batch_size: int, block_size: int, device: torch.device, max_batches: int = 0):
+    """Yield (x, y) over a conversation or preference split: every batch in order when
+    max_batches is 0, else max_batches batches from a fixed order (the same each call). Every
+    rank packs the same batches; the caller shares them out (trainer/dist.py `shard_batches`)."""
+    from data.packing import conversation_batches
     from data.preferences import PreferenceSplit, preference_batches
 
     if isinstance(data, PreferenceSplit):
-        yield from preference_batches(data, batch_size, device, max_batches)
-        return
-    if isinstance(data, ConversationSplit):
-        yield from conversation_batches(data, batch_size, block_size, device, max_batches)
-        return
-    if max_batches:
-        sampler = RandomWindows(data, batch_size, block_size, seed, device, rank, world_size, prefetch=False)
-        for _ in range(max_batches):
-            yield sampler.next_batch()
-        return
-    T = block_size
-    starts = np.arange(rank, (data.num_tokens - 1) // T, world_size, dtype=np.int64) * T
-    for i in range(0, len(starts), batch_size):
-        rows = data.rows(starts[i:i + batch_size], T + 1)
-        yield to_device(rows[:, :-1], device), to_device(rows[:, 1:], device)
+        return preference_batches(data, batch_size, device, max_batches)
+    return conversation_batches(data, batch_size, block_size, device, max_batches)

@@ -39,15 +39,18 @@ def penalise_repetition(logits, context, penalty: float):
 
 def sample_next(logits, context, s: Sampling, generator=None) -> torch.Tensor:
     """One token id per row from logits (B, V); context (B, N) is the sequence so far."""
+    # Each step below runs only when it changes something: at batch 1 on a CPU a token costs a
+    # few milliseconds, and every small op is a few microseconds of it.
     logits = logits.float()
     if s.vocab_limit is not None and s.vocab_limit < logits.size(-1):
-        padding = torch.arange(logits.size(-1), device=logits.device) >= s.vocab_limit
-        logits = logits.masked_fill(padding, float("-inf"))
+        logits = logits.clone()
+        logits[:, s.vocab_limit:] = float("-inf")
     if s.repetition_penalty != 1.0:
         logits = penalise_repetition(logits, context, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / s.temperature
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
     if s.top_k and s.top_k < logits.size(-1):
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -74,20 +77,23 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling |
     output: chat/agent.py); they go through the decoder like sampled ones, cache and all."""
     model.eval()
     sampling = sampling or Sampling()
-    context = model.decoder(use_cache, decode, max_len=idx.shape[1] + max_new_tokens)
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if finished is None else finished
-    tokens = idx
-    for _ in range(max_new_tokens):
+    B, N = idx.shape
+    context = model.decoder(use_cache, decode, max_len=N + max_new_tokens)
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if finished is None else finished
+    # The sequence grows in one buffer, written in place: no copy of the history per token.
+    tokens = idx.new_empty(B, N + max_new_tokens)
+    tokens[:, :N] = idx
+    for n in range(N, N + max_new_tokens):
         if finished.all():
             return
-        nxt = sample_next(context.next_logits(tokens), tokens, sampling, generator)
+        nxt = sample_next(context.next_logits(tokens[:, :n]), tokens[:, :n], sampling, generator)
         if steer is not None:
             nxt = steer(nxt)
         nxt = nxt.masked_fill(finished, -1)
         if eot_id is not None:
             finished |= nxt == eot_id
         # A finished row keeps computing (rows are independent) on a harmless token.
-        tokens = torch.cat([tokens, nxt.clamp(min=0)[:, None]], dim=1)
+        tokens[:, n] = nxt.clamp(min=0)
         yield nxt
 
 

@@ -29,6 +29,9 @@ import torch
 from model.layers import attention_mask
 
 
+_update_outside_compile = None  # KVCache._update behind torch.compiler.disable, made on first need
+
+
 class KVCache:
     """Keys and values of one block for its latest `window` positions.
 
@@ -53,10 +56,18 @@ class KVCache:
     def reset(self):
         self.pos = 0
 
-    # Kept out of torch.compile: its Python-int bookkeeping would make the compiler specialise
-    # (and recompile) on every position; the model's math around it compiles with dynamic shapes.
-    @torch.compiler.disable
     def update(self, k, v):
+        # Kept out of torch.compile: its Python-int bookkeeping would make the compiler specialise
+        # (and recompile) on every position; the model's math around it compiles with dynamic
+        # shapes. Only once the compiler is loaded (nothing compiles before): importing it takes
+        # about a second, which an eager run, the CPU default, need not pay.
+        if "torch._dynamo" in sys.modules:
+            global _update_outside_compile
+            _update_outside_compile = _update_outside_compile or torch.compiler.disable(KVCache._update)
+            return _update_outside_compile(self, k, v)
+        return self._update(k, v)
+
+    def _update(self, k, v):
         B, H, T, D = k.shape
         W = self.window
         if self.k is None:

@@ -9,7 +9,7 @@ import pytest
 import data.prepare as prep
 from chat.template import ChatTemplate
 from common.errors import UserError
-from data.loader import build_loader, eval_windows, open_split
+from data.loader import build_loader, open_split, packed_eval_batches
 from data.packing import ConversationSplit
 from data.prepare import prepare, read_meta
 from data.tokenizer import CharTokenizer, from_state
@@ -165,5 +165,5 @@ def test_evaluation_visits_every_usable_conversation_once(prepared):
     template = ChatTemplate(from_state(read_meta(prepared)["tokenizer"]))
     opens = [template.special_ids[t] for t in ("<|system_start|>", "<|user_start|>")]
     starts = sum(int(((x[:, :-1] == template.bos_id) & np.isin(x[:, 1:], opens)).sum())  # bos also pads
-                 for x in (x.numpy() for x, _ in eval_windows(data, 4, 64, "cpu")))
+                 for x in (x.numpy() for x, _ in packed_eval_batches(data, 4, 64, "cpu")))
     assert starts == data.trainable(65).sum() > 0

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from data.loader import RandomWindows, TokenSplit, eval_windows
+from data.loader import RandomWindows, TokenSplit, eval_starts, eval_windows
 from data.prepare import prepare
 from data.tokenizer import CharTokenizer, build_tokenizer, from_state
 from common.errors import UserError
@@ -86,5 +86,5 @@ def test_eval_windows_cover_the_whole_split(tiny_corpus, tmp_path):
 
     out = prepare([str(tiny_corpus)], "char", tmp_path / "prep", log=lambda *_: None)
     split = TokenSplit(out, "val")
-    seen = sum(y.numel() for _, y in eval_windows(split, 5, 16, torch.device("cpu")))
+    seen = sum(y.numel() for _, y in eval_windows(split, eval_starts(split, 16), 5, 16, torch.device("cpu")))
     assert seen == (split.num_tokens - 1) // 16 * 16

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import EpochWindows, RandomWindows, TokenSplit, build_loader, eval_windows
+from data.loader import EpochWindows, RandomWindows, TokenSplit, build_loader, eval_starts, eval_windows
 from common.errors import UserError
 
 CPU = torch.device("cpu")
@@ -141,14 +141,18 @@ def test_load_state_refuses_other_sampling(tmp_path):
 
 def test_eval_windows_cover_the_split_and_split_across_ranks(tmp_path):
     data = make_split(tmp_path, [25, 26])  # 50 // 7 = 7 windows
-    starts = [int(row[0]) for x, _ in eval_windows(data, 3, 7, CPU) for row in x]
-    assert starts == [i * 7 for i in range(7)]
-    by_rank = [[int(row[0]) for x, _ in eval_windows(data, 3, 7, CPU, rank=k, world_size=2) for row in x]
-               for k in range(2)]
-    assert sorted(by_rank[0] + by_rank[1]) == starts and not set(by_rank[0]) & set(by_rank[1])
-    fixed = [x for x, _ in eval_windows(data, 3, 7, CPU, max_batches=2)]
-    again = [x for x, _ in eval_windows(data, 3, 7, CPU, max_batches=2)]
-    assert all(torch.equal(a, b) for a, b in zip(fixed, again))
+    starts = eval_starts(data, 7)
+    assert starts.tolist() == [i * 7 for i in range(7)]
+    assert [int(row[0]) for x, _ in eval_windows(data, starts, 3, 7, CPU) for row in x] == starts.tolist()
+    # 2 ranks: 4 and 3 windows, in 2 batches each (FSDP's forwards pair up); rank 1's second
+    # batch is padding whose targets all count nothing.
+    by_rank = [list(eval_windows(data, starts, 3, 7, CPU, rank=k, world_size=2)) for k in range(2)]
+    assert [len(b) for b in by_rank] == [2, 2]
+    counted = [int(x[i, 0]) for b in by_rank for x, y in b for i in range(len(x)) if (y[i] != -1).all()]
+    assert sorted(counted) == starts.tolist()
+    assert (by_rank[1][1][1] == -1).all()
+    sample = eval_starts(data, 7, max_windows=3)
+    assert len(sample) == 3 and set(sample) <= set(starts) and np.array_equal(sample, eval_starts(data, 7, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, non_blocking copies)")

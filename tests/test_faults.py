@@ -363,3 +363,30 @@ def test_main_entry_points_exit_nonzero_without_traceback_as_processes(tmp_path)
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: checkpoint not found: {tmp_path / 'nothing.pt'}"]
+
+
+def test_compile_fallback_catches_compiler_failures_only():
+    """A compiler failure falls back to eager with a line; an error of the step itself (out of
+    memory, a token id out of range) stops the run with its own message, not retried in eager."""
+    from trainer.runtime import compile_with_fallback
+
+    def broken_compiler(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler")
+
+    def out_of_memory_at_run_time(gm, example_inputs):
+        def run(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return run
+
+    lines = []
+    step = compile_with_fallback(lambda x: x.sin() + 1, log=lines.append, backend=broken_compiler)
+    assert torch.equal(step(torch.ones(3)), torch.ones(3).sin() + 1)
+    assert len(lines) == 1 and "torch.compile failed (RuntimeError: no working C++ compiler)" in lines[0]
+    step = compile_with_fallback(lambda x: x.cos() + 1, log=lines.append, backend=out_of_memory_at_run_time)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        step(torch.ones(3))
+    embedding = torch.nn.Embedding(4, 2)
+    step = compile_with_fallback(embedding, log=lines.append, backend="eager")
+    with pytest.raises(IndexError, match="index out of range"):
+        step(torch.tensor([7]))
+    assert len(lines) == 1  # neither error fell back to eager

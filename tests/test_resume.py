@@ -158,7 +158,7 @@ def test_max_time_stops_at_the_budget_evaluates_and_saves(data, forker, tmp_path
     it = load_checkpoint(out / LATEST)["iter"]
     assert 0 < it < 100000
     assert f"train.max_time=1s reached: stopped at iter {it}" in log
-    assert f"iter {it}: " in log and "(whole val split)" in log  # evaluated at the stop
+    assert f"iter {it}: " in log and "; whole val split, " in log  # evaluated at the stop
     assert it in metrics(out)[1]
 
 

@@ -87,3 +87,26 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save({"format": 1, "model": Evil()}, path)
     r = sample(path)
     assert r.returncode == 2 and "refused" in r.stderr and "pwned" not in r.stdout
+
+
+def test_full_evaluations_are_bounded_and_alone_decide_a_stop(tmp_path, capsys):
+    """Periodic estimates cover eval_batches batches; the final evaluation and the stop check cover
+    the val split up to train.final_eval_tokens (here 10 windows of 32) and say how many tokens; a
+    stop is decided by a full evaluation, triggered by an estimate within stop_margin of the target."""
+    import train
+    from tests.trainrun import make_data, train_args
+
+    data = make_data(tmp_path)
+
+    def val_rows(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iter"], r["val_tokens"]) for r in rows if "val_loss" in r]
+
+    bounded = ["train.eval_interval=4", "train.eval_batches=1", "train.final_eval_tokens=320"]
+    train.main(train_args(data, tmp_path / "a", *bounded, "train.max_iters=8"))
+    assert val_rows(tmp_path / "a") == [(4, 1 * 4 * 32), (8, 320)]  # batch 4 x context 32
+    assert "estimate on 128 tokens" in capsys.readouterr().out
+    train.main(train_args(data, tmp_path / "b", *bounded, "train.max_iters=8", "train.stop_at_val_loss=10"))
+    assert val_rows(tmp_path / "b") == [(4, 320)]
+    log = capsys.readouterr().out
+    assert "then sample of the" in log and "320 tokens" in log and "<= train.stop_at_val_loss=10.0: stopping" in log

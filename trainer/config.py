@@ -106,9 +106,11 @@ class TrainConfig:
     max_iters: int = 2000  # optimizer steps
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     eval_interval: int = 250  # steps between val-loss estimates (and checkpoints)
-    eval_batches: int = 20  # batches per periodic estimate; 0 = the whole split
+    eval_batches: int = 20  # batches per periodic estimate (a fixed sample of val windows); 0 = a full evaluation
+    final_eval_tokens: int = 1_000_000  # a full evaluation (the final one, stop checks) covers at most this many val tokens (a fixed sample of windows); 0 = the whole split
     log_interval: int = 10  # steps between progress-bar / metrics updates
-    stop_at_val_loss: float = 0.0  # stop at the first evaluation at or below this val loss; 0 = off
+    stop_at_val_loss: float = 0.0  # stop at the first full evaluation at or below this val loss; 0 = off
+    stop_margin: float = 0.05  # with stop_at_val_loss: a periodic estimate within this of it triggers a full evaluation, which decides
     parallel: str = "none"  # none | ddp | fsdp (FSDP2: sharded parameters, gradients, optimizer state); under torchrun
     tokens_per_step: int = 0  # all ranks' tokens per optimizer step, derives grad_accum; 0 = batch*block*accum*world
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
@@ -127,8 +129,8 @@ class TrainConfig:
     def validate(self):
         positive(self, "train", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval",
                   "dist_timeout_s", "spike_window")
-        at_least(self, "train", 0, "threads", "eval_batches", "grad_clip", "tokens_per_step", "stop_at_val_loss",
-                  "ckpt_interval", "keep_last", "max_bad_steps", "spike_z")
+        at_least(self, "train", 0, "threads", "eval_batches", "final_eval_tokens", "grad_clip", "tokens_per_step",
+                  "stop_at_val_loss", "stop_margin", "ckpt_interval", "keep_last", "max_bad_steps", "spike_z")
         choice(self, "train", "parallel", ("none", "ddp", "fsdp"))
         choice(self, "train", "objective", ("lm", "dpo"))
         choice(self, "train", "attention", ("auto", "flash", "cudnn", "efficient", "math"))
@@ -202,9 +204,6 @@ class Config:
         if (self.train.objective == "dpo") != (self.data.format == "preference"):
             raise UserError(f"train.objective={self.train.objective} with data.format={self.data.format}: DPO trains on "
                             f"preference pairs and only on them (train.objective=dpo with data.format=preference)")
-        if self.train.parallel == "fsdp" and self.optim.optimizer == "muon":
-            raise UserError("optim.optimizer=muon does not work with train.parallel=fsdp (Newton-Schulz needs whole "
-                            "matrices, FSDP holds shards); use train.parallel=ddp or optim.optimizer=adamw")
         return self
 
     def to_dict(self) -> dict:

@@ -30,8 +30,8 @@ Design decisions:
   beyond that needs torch.distributed.checkpoint's sharded files instead.
 - Only rank 0 talks and writes: the other ranks' stdout goes to /dev/null (stderr stays, so
   their errors are seen), and they keep no metrics file and write no checkpoint.
-- Muon with FSDP is refused (in the config): Newton-Schulz needs whole matrices and a shard is
-  not one; gathering each matrix per step would undo the point of sharding.
+- Muon under FSDP gathers each matrix's update for Newton-Schulz, which needs whole matrices,
+  and keeps this rank's rows of the result (trainer/muon.py): the same update as under DDP.
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-    set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.checkpoint import LATEST, load_checkpoint
@@ -245,15 +242,42 @@ def shard_batches(batches, d: Dist):
 
 def full_state(model: torch.nn.Module, optimizers) -> tuple[dict, dict]:
     """Unsharded model and optimizer state on CPU, keyed by parameter name. A collective under
-    FSDP (every rank must call it); only rank 0's copy is complete."""
+    FSDP (every rank must call it); only rank 0's copy is complete. One process assembles the
+    same dicts itself: torch.distributed.checkpoint's helpers cost most of a second to import,
+    a fair share of a short run's wall time."""
+    if not dist.is_initialized():
+        return _one_process_state(model, optimizers)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=opts),
             get_optimizer_state_dict(model, optimizers.optimizers, options=opts))
 
 
+def _one_process_state(model: torch.nn.Module, optimizers) -> tuple[dict, dict]:
+    """What `get_model_state_dict` and `get_optimizer_state_dict` return for an unwrapped model:
+    the optimizers' states and groups with parameter names (a tied parameter's first name) for
+    their positions, all optimizers' groups in one list."""
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(p, name)
+    state, groups = {}, []
+    for opt in optimizers.optimizers:
+        saved = opt.state_dict()
+        fqns = [names[p] for group in opt.param_groups for p in group["params"]]
+        state.update({fqns[i]: s for i, s in saved["state"].items()})
+        groups += [{**group, "params": [fqns[i] for i in group["params"]]} for group in saved["param_groups"]]
+    model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return model_state, {"state": state, "param_groups": groups}
+
+
 def load_full_state(model: torch.nn.Module, optimizers, model_state: dict, optim_state: dict, path):
     """Load a full checkpoint into a model of any parallel mode: each rank keeps its shard.
     Weights that do not fit the architecture are refused in one line."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
     opts = StateDictOptions(full_state_dict=True)
     try:
         set_model_state_dict(model, model_state, options=opts)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model.base import IGNORE
-from trainer.dist import all_reduce_sum, shard_batches
+from trainer.dist import all_reduce_sum
 from trainer.loss_weights import token_weights
 
 
@@ -51,12 +51,13 @@ class LanguageModeling:
 
     @torch.no_grad()
     def evaluate(self, model, batches, rt, d, token_bytes: torch.Tensor) -> dict:
-        """val_loss in nats per target and val_bpb in bits per UTF-8 byte of the targets, over
-        the batches shared out over the ranks. Both are sums over the counted targets (not
-        IGNORE), so masked batches weigh each target once."""
+        """val_loss in nats per target, val_bpb in bits per UTF-8 byte of the targets, and
+        val_tokens, the targets counted, over this rank's share of the batches ((batch, weight):
+        weight 0 for the filler that keeps the ranks' forwards paired), summed over the ranks.
+        Both are sums over the counted targets (not IGNORE), so masked batches weigh each target once."""
         model.eval()
         nats, count, nbytes = (torch.zeros((), dtype=torch.float64, device=rt.device) for _ in range(3))
-        for (x, y), weight in shard_batches(batches, d):
+        for (x, y), weight in batches:
             with rt.autocast:
                 logits, _ = model(x)
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
@@ -66,7 +67,8 @@ class LanguageModeling:
             nbytes += weight * token_bytes[y.flatten().clamp(min=0)][counted].sum()
         all_reduce_sum(d, nats, count, nbytes)
         model.train()
-        return {"val_loss": (nats / count).item(), "val_bpb": (nats / (math.log(2) * nbytes)).item()}
+        return {"val_loss": (nats / count).item(), "val_bpb": (nats / (math.log(2) * nbytes)).item(),
+                "val_tokens": int(count.item())}
 
     def describe(self, evals: dict) -> str:
         return f"val {evals['val_loss']:.4f} ({evals['val_bpb']:.4f} bits/byte)"
@@ -126,7 +128,7 @@ class DPO:
         model.eval()
         sums, pairs = torch.zeros(len(self.stats), dtype=torch.float64, device=rt.device), torch.zeros(
             (), dtype=torch.float64, device=rt.device)
-        for (x, y), weight in shard_batches(batches, d):
+        for (x, y), weight in batches:
             with rt.autocast:
                 _, stats = self.loss(model, x, y)
             sums += weight * stats.double() * (x.shape[0] // 2)

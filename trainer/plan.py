@@ -230,8 +230,11 @@ def dry_run(cfg, rt, d, batch, log=print):
     micro_s, optimizer_s, eval_s = _time_steps(model, optimizer, loader, rt)
     step_s = micro_s * batch.grad_accum + optimizer_s
     evals = max(cfg.train.max_iters - 1, 0) // cfg.train.eval_interval - est.start_iter // cfg.train.eval_interval
-    whole_val = math.ceil(((val_data.num_tokens - 1) // model_cfg.block_size) / batch.micro_batch)
-    eval_batches = max(evals, 0) * (cfg.train.eval_batches or whole_val) + whole_val
+    windows = (val_data.num_tokens - 1) // model_cfg.block_size
+    if cfg.train.final_eval_tokens:  # a full evaluation covers at most this many tokens
+        windows = min(windows, max(1, cfg.train.final_eval_tokens // model_cfg.block_size))
+    full_eval = math.ceil(windows / batch.micro_batch)
+    eval_batches = max(evals, 0) * (cfg.train.eval_batches or full_eval) + full_eval
     log(f"time: {step_s:.3f} s per step ({batch.tokens_per_step / step_s:,.0f} tokens/s; eager, one process), "
         f"so about {_duration(steps * step_s)} for {steps:,} steps, plus about {_duration(eval_batches * eval_s)} "
         f"for {eval_batches:,} evaluation batches")

@@ -29,7 +29,8 @@ from common.files import atomic_write
 METRICS = "metrics.jsonl"
 RUN_FILES = (LATEST, BEST, METRICS, "config.yaml")
 RESUME_SAFE_KEYS = {
-    "train.max_iters", "train.eval_interval", "train.eval_batches", "train.log_interval",
+    "train.max_iters", "train.eval_interval", "train.eval_batches", "train.final_eval_tokens", "train.stop_margin",
+    "train.log_interval",
     "train.compile", "train.attention", "train.threads", "train.device", "train.stop_at_val_loss", "data.prepared_dir",
     "data.prep_workers", "out_dir", "resume", "overwrite",
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout_s",  # same math, other layout

@@ -134,20 +134,38 @@ def _tuples(x):
 def compile_with_fallback(module, log=print, **compile_options):
     """torch.compile(module) (a module or function), falling back to the eager one, with one line
     saying why, when compilation fails (an unsupported toolchain, a compiler bug): a run should
-    not die of it."""
+    not die of it. Only a failure of the compiler falls back: an error the step itself raises (out
+    of memory, a token id out of range, a shape that does not fit) propagates as itself, as it
+    would in eager mode, instead of being retried there and hidden."""
     compiled = torch.compile(module, **compile_options)
     current = [compiled]
 
     def call(*args, **kwargs):
         try:
             return current[0](*args, **kwargs)
-        except Exception as e:  # Dynamo/Inductor raise many types; an eager failure re-raises below
-            if current[0] is module:
+        except Exception as e:
+            if current[0] is module or not is_compiler_failure(e):
                 raise
-            reason = (str(e).strip().splitlines() or [""])[0][:160]
-            log(f"torch.compile failed ({type(e).__name__}: {reason}); continuing without it")
+            cause = getattr(e, "inner_exception", None) or e  # the backend's own error, under Dynamo's wrapper
+            reason = (str(cause).strip().splitlines() or [""])[0][:160]
+            log(f"torch.compile failed ({type(cause).__name__}: {reason}); continuing without it")
             current[0] = module
             return module(*args, **kwargs)
 
     return call
 
+
+def is_compiler_failure(e: BaseException) -> bool:
+    """Whether an exception out of a compiled call is the compiler's own failure. Dynamo and
+    Inductor wrap theirs in TorchDynamoException subclasses; two of those carry the program's
+    own errors instead (TorchRuntimeError: an op that fails on the traced shapes; Observed*: an
+    exception the code raised), and an out-of-memory error anywhere in the chain is the
+    program's too, even when it struck while compiling."""
+    from torch._dynamo.exc import ObservedException, TorchDynamoException, TorchRuntimeError
+
+    chain, cause = [], e
+    while cause is not None and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return (isinstance(e, TorchDynamoException) and not isinstance(e, (TorchRuntimeError, ObservedException))
+            and not any(isinstance(c, torch.OutOfMemoryError) for c in chain))
