@@ -223,9 +223,9 @@ def _train(cfg, stop: StopRequest, closing: contextlib.ExitStack, plan_only: boo
                 estimate, full = evals["val_loss"], True
                 evals = evaluate(full)
             val_loss = evals["val_loss"]
-            scope = full_scope if full else "estimate"
-            if "val_tokens" in evals:
-                scope += f", {evals['val_tokens']:,} tokens"
+            counted = evals.get("val_tokens")  # the lm objective's count of evaluated targets
+            scope = (f"{full_scope}, {counted:,} tokens" if full else f"estimate on {counted:,} tokens") if counted \
+                else full_scope if full else "estimate"
             if estimate is not None:
                 scope = f"estimate {estimate:.4f}, then {scope}"
             train_loss = interval_loss_sum / interval_steps if interval_steps else None
