@@ -41,7 +41,7 @@ MODEL = ["model.n_layer=3", "model.n_head=4", "model.n_embd=96", "model.pos=rope
 # Each fine-tuning run (its training file is data/chat/train/NAME.jsonl): block_size, batch_size, steps.
 RUNS = {"multiply_tool": (128, 16, 600), "multiply": (128, 16, 600),  # tools
         "addition_cot6": (128, 8, 800), "addition6": (128, 8, 800),  # chain of thought
-        "sft_addition": (64, 16, 300)}  # the model DPO starts from
+        "sft_addition": (64, 16, 1500)}  # the model DPO starts from: one that can add
 TASK = {"addition_cot6": "addition_cot", "addition6": "addition", "sft_addition": "addition"}
 DPO_STEPS = 150
 
@@ -167,7 +167,7 @@ def dpo(out: Path, reuse: bool, log):
         log(f"dpo: {DPO_STEPS} steps in {wall:.0f} s (load average {before} before, {load()} after)")
     log("| model | held-out preference accuracy | held-out 3-digit addition |")
     log("| --- | --- | --- |")
-    for name, run_dir in (("SFT (300 steps), before DPO", sft), (f"after DPO ({DPO_STEPS} steps, beta 0.1)", tuned)):
+    for name, run_dir in ((f"SFT ({RUNS['sft_addition'][2]} steps), before DPO", sft), (f"after DPO ({DPO_STEPS} steps, beta 0.1)", tuned)):
         log(f"| {name} | {pct(preference_accuracy(run_dir, DATA / 'test/preference.jsonl'))} | "
             f"{pct(accuracy(run_dir, DATA / 'test/addition.jsonl'))} |")
 
