@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.harness import REPO, machine
+from bench.harness import REPO, machine, run_repo as run
 
 DATA = REPO / "data" / "chat"
 MODEL = ["model.n_layer=3", "model.n_head=4", "model.n_embd=96", "model.pos=rope", "model.norm=rmsnorm",
@@ -45,14 +42,6 @@ RUNS = {"multiply_tool": (128, 16, 600), "multiply": (128, 16, 600),  # tools
 TASK = {"addition_cot6": "addition_cot", "addition6": "addition", "sft_addition": "addition"}
 DPO_STEPS = 150
 
-
-def run(cmd: list[str], log) -> float:
-    log("$ " + " ".join(cmd))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def load() -> str:

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.harness import REPO, machine
+from bench.harness import REPO, machine, run_repo as run
 
 DATA = REPO / "data" / "chat"
 # The README's commands: conversations per task and their options (addition: 1- to 3-digit operands).
@@ -36,15 +33,6 @@ TRAIN = {"addition": (30000, ["--max-turns", "3", "--min-digits", "1"]), "spell"
          "identity": (3000, ["--max-turns", "2"])}
 TEST = {"addition": 200, "spell": 100, "identity": 32}  # held out: 3-digit operands only
 
-
-def run(cmd: list[str], log) -> float:
-    """Run a repo command (printed first); returns its wall time."""
-    log("$ " + " ".join(cmd))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def make_tasks(log):

@@ -41,3 +41,14 @@ def train_run(config: str, out_dir: Path, *overrides: str) -> dict:
         sys.exit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {"wall_s": wall, "rows": rows, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def run_repo(cmd: list[str], log) -> float:
+    """Run a repo command (`python` + cmd, printed first through log) from the repo root; exits
+    with its stderr's tail if it fails; returns its wall time in seconds."""
+    log("$ " + " ".join(cmd))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0

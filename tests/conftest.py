@@ -1,9 +1,11 @@
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TIKTOKEN = REPO.parent / "shared" / "tiktoken-cache"
@@ -41,3 +43,27 @@ def tiny_run(tmp_path_factory, tiny_corpus) -> Path:
                f"data.input={tiny_corpus}", f"data.prepared_dir={root / 'prepared'}")
     assert r.returncode == 0, r.stderr
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Tiny models gain nothing from threads, and on a shared machine each of torch's parallel
+    regions can wait milliseconds for its second thread: these tests run on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    with torch_threads(1):
+        yield

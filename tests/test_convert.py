@@ -39,12 +39,7 @@ TEXT = ("Hello world!  It's 2026: 1234567 tokens, naïve café.\n\nПривет,
 CTX = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -247,15 +247,6 @@ def test_a_finished_count_another_familys_config_or_init_from_is_refused_untouch
     fails(capsys, train.main, args(out.parent / "other", f"init_from={out}"), "init_from=", "is counted, not trained")
 
 
-@pytest.fixture
-def one_thread():
-    """A generation step is a few hundred tiny ops; on a busy machine each of torch's parallel
-    regions can wait milliseconds for its second thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_sample_with_every_option_is_reproducible(ngram_run, capsys, one_thread):
     _, out, _ = ngram_run

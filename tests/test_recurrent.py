@@ -34,16 +34,10 @@ TINY = {
 }
 RUN = ["model.block_size=32", "train.batch_size=4", "train.grad_accum=2", "train.max_iters=8", "train.eval_interval=4",
        "train.eval_batches=0", "train.log_interval=1", "train.threads=1", "train.device=cpu", "optim.warmup_iters=2",
-       "optim.decay_iters=8", "optim.optimizer=adamw"]  # FSDP refuses Muon; Muon is tested in process
+       "optim.decay_iters=8", "optim.optimizer=adamw"]  # Muon under FSDP: tests/test_distributed.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_model(family: str, **kw):
