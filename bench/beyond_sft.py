@@ -14,10 +14,14 @@ the figures do not depend on how busy the machine is (the wall times printed do)
 - cot: 6-digit + 6-digit addition. A model fine-tuned on `addition_cot` (column by column with
   carries, then the sum) next to one fine-tuned on `addition` (the sum alone), same questions,
   model, batch of tokens and steps.
-- dpo: a model fine-tuned briefly on 1- to 3-digit addition, then DPO (`configs/dpo.yaml`) on
-  `preference` pairs (the right sum chosen, a plausible wrong one rejected). Before and after:
-  held-out preference accuracy (the policy's log-probability of the chosen reply above the
-  rejected one's, summed over the reply and its end token) and 3-digit addition accuracy.
+- dpo: two preference tasks, each from its own SFT model (1- to 3-digit addition, 4,000 steps)
+  and DPO (`configs/dpo.yaml` as it ships, 150 steps; and with `dpo.nll=1`). `preference`: the model is fine-tuned
+  on `addition_chatty` (nine replies in ten padded, "Sure! ... Hope that helps!"), the pairs
+  prefer the concise reply to the same reply padded. `preference_correct`: the model is
+  fine-tuned on `addition`, the pairs prefer the right sum to a plausible wrong one. Before and
+  after DPO: held-out preference accuracy (the policy's log-probability of the chosen reply
+  above the rejected one's, summed over the reply and its end token), held-out 3-digit
+  addition accuracy, and the share of greedy replies that are not padded.
 
 `--reuse` scores runs already in --out instead of training them again (the commands are printed
 either way). Prints markdown tables for bench/RESULTS.md.
@@ -38,9 +42,14 @@ MODEL = ["model.n_layer=3", "model.n_head=4", "model.n_embd=96", "model.pos=rope
 # Each fine-tuning run (its training file is data/chat/train/NAME.jsonl): block_size, batch_size, steps.
 RUNS = {"multiply_tool": (128, 16, 600), "multiply": (128, 16, 600),  # tools
         "addition_cot6": (128, 8, 800), "addition6": (128, 8, 800),  # chain of thought
-        "sft_addition": (64, 16, 1500)}  # the model DPO starts from: one that can add
-TASK = {"addition_cot6": "addition_cot", "addition6": "addition", "sft_addition": "addition"}
+        "sft_chatty": (96, 16, 4000), "sft_addition": (96, 16, 4000)}  # the models DPO starts from
+TASK = {"addition_cot6": "addition_cot", "addition6": "addition"}
+# DPO: preference pairs -> (the SFT run it starts from, the held-out conversations it is scored on).
+DPO_FROM = {"preference": ("sft_chatty", "addition_chatty"), "preference_correct": ("sft_addition", "addition")}
 DPO_STEPS = 150
+# Each DPO run: its label and its overrides of configs/dpo.yaml.
+DPO_RUNS = [("after DPO (`configs/dpo.yaml`: beta 0.1, AdamW 1e-4)", []),
+            ("after DPO + NLL on the chosen replies (`dpo.nll=1`)", ["dpo.nll=1"])]
 
 
 
@@ -67,7 +76,8 @@ def finetune(name: str, out: Path, reuse: bool, log) -> Path:
     return run_dir
 
 
-def accuracy(run_dir: Path, test: Path, tools: bool = True) -> tuple[int, int]:
+def replies(run_dir: Path, test: Path, tools: bool = True) -> tuple[list, list]:
+    """The held-out conversations and the model's greedy reply to each, as evaluate.py makes them."""
     import evaluate
     from chat.template import ChatTemplate
     from data.conversations import read_conversations
@@ -77,8 +87,13 @@ def accuracy(run_dir: Path, test: Path, tools: bool = True) -> tuple[int, int]:
     template = ChatTemplate(tokenizer)
     records = list(read_conversations(test))
     prompts = [template.render_for_generation(evaluate.prompt_messages(r["messages"])) for r, _ in records]
-    replies = evaluate.generate_replies(model, template, prompts, 120, cfg.model.block_size, 64, "cpu", tools=tools)
-    results = evaluate.score(records, replies)
+    return records, evaluate.generate_replies(model, template, prompts, 120, cfg.model.block_size, 64, "cpu", tools=tools)
+
+
+def accuracy(run_dir: Path, test: Path, tools: bool = True) -> tuple[int, int]:
+    import evaluate
+
+    results = evaluate.score(*replies(run_dir, test, tools))
     return sum(r["correct"] for r in results), len(results)
 
 
@@ -143,22 +158,38 @@ def cot(out: Path, reuse: bool, log):
 
 
 def dpo(out: Path, reuse: bool, log):
-    make("addition", 30000, "train", ["--min-digits", "1"], DATA / "train" / "sft_addition.jsonl", log)
-    make("addition", 200, "test", [], DATA / "test" / "addition.jsonl", log)
-    make("preference", 20000, "train", ["--min-digits", "1"], DATA / "train" / "preference.jsonl", log)
-    make("preference", 200, "test", [], DATA / "test" / "preference.jsonl", log)
-    sft = finetune("sft_addition", out, reuse, log)
-    tuned = out / "dpo"
-    if not (reuse and (tuned / "latest.pt").exists()):
-        before = load()
-        wall = run(["train.py", "configs/dpo.yaml", f"init_from={sft}", f"out_dir={tuned}", "overwrite=true",
-                    f"train.max_iters={DPO_STEPS}", "train.threads=1"], log)
-        log(f"dpo: {DPO_STEPS} steps in {wall:.0f} s (load average {before} before, {load()} after)")
-    log("| model | held-out preference accuracy | held-out 3-digit addition |")
-    log("| --- | --- | --- |")
-    for name, run_dir in ((f"SFT ({RUNS['sft_addition'][2]} steps), before DPO", sft), (f"after DPO ({DPO_STEPS} steps, beta 0.1)", tuned)):
-        log(f"| {name} | {pct(preference_accuracy(run_dir, DATA / 'test/preference.jsonl'))} | "
-            f"{pct(accuracy(run_dir, DATA / 'test/addition.jsonl'))} |")
+    import evaluate
+    from chat.tasks import is_padded
+
+    for name, (sft_name, task) in DPO_FROM.items():
+        make(task, 30000, "train", ["--min-digits", "1"], DATA / "train" / f"{sft_name}.jsonl", log)
+        make(task, 200, "test", [], DATA / "test" / f"{task}.jsonl", log)
+        make(name, 20000, "train", ["--min-digits", "1"], DATA / "train" / f"{name}.jsonl", log)
+        make(name, 200, "test", [], DATA / "test" / f"{name}.jsonl", log)
+    table = []
+    for name, (sft_name, task) in DPO_FROM.items():
+        sft = finetune(sft_name, out, reuse, log)
+        stages = [(f"SFT on `{task}`, before DPO", sft)]
+        for label, options in DPO_RUNS:
+            tuned = out / f"dpo_{name}{'_' if options else ''}{'_'.join(o.replace('=', '') for o in options)}"
+            stages.append((label, tuned))
+            if reuse and (tuned / "latest.pt").exists():
+                continue
+            before = load()
+            wall = run(["train.py", "configs/dpo.yaml", f"init_from={sft}", f"data.input=[data/chat/train/{name}.jsonl]",
+                        f"out_dir={tuned}", "overwrite=true", f"train.max_iters={DPO_STEPS}", "train.threads=1", *options], log)
+            log(f"{tuned.name}: {DPO_STEPS} steps in {wall:.0f} s (load average {before} before, {load()} after)")
+        for stage, run_dir in stages:
+            records, made = replies(run_dir, DATA / "test" / f"{task}.jsonl")
+            correct = sum(r["correct"] for r in evaluate.score(records, made))
+            concise = sum(not is_padded(r or "") for r in made)
+            table.append(f"| `{name}` | {stage} | {pct(preference_accuracy(run_dir, DATA / 'test' / f'{name}.jsonl'))} | "
+                         f"{pct((correct, len(made)))} | {pct((concise, len(made)))} |")
+    log(f"| pairs | model (0.34M parameters; SFT {RUNS['sft_chatty'][2]} steps, DPO {DPO_STEPS} steps) | "
+        "held-out preference accuracy | held-out 3-digit addition | concise replies |")
+    log("| --- | --- | --- | --- | --- |")
+    for row in table:
+        log(row)
 
 
 def main():

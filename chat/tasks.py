@@ -24,12 +24,19 @@ Tasks:
   the working first: column addition from the right, one `a+b+carry=sum` per column, then the
   restated sum, e.g. "3+6+0=9, 2+5+0=7, 1+4+0=5; 123 + 456 = 579". The answer is the last integer.
 
-    python -m chat.tasks preference --n N --seed S [--split train|test] --out FILE.jsonl
+- `addition_chatty`: addition's problems, nine replies in ten padded with a stock opener and
+  closer ("Sure! 123 + 456 = 579. Hope that helps!"), as chatty instruction data is: the answer
+  is still the last integer. A model fine-tuned on it pads its answers; DPO on `preference`
+  teaches it not to.
 
-writes preference pairs for DPO instead (`data.format: preference`, trainer/dpo.py):
-`{"prompt": [messages], "chosen": "...", "rejected": "...", "task": "addition"}`, an addition
-question with the correct reply preferred to a plausible wrong one (a dropped or extra carry,
-one digit off), the same problems and splits as `addition` (`--digits`, `--min-digits`).
+    python -m chat.tasks preference|preference_correct --n N --seed S [--split train|test] --out FILE.jsonl
+
+writes preference pairs for DPO instead (`data.format: preference`, trainer/objectives.py):
+`{"prompt": [messages], "chosen": "...", "rejected": "...", "task": "addition"}` for addition's
+problems and splits (`--digits`, `--min-digits`). `preference`: the concise reply chosen, the
+same reply padded as `addition_chatty` pads rejected (a style the SFT data did not settle, which
+preferences can). `preference_correct`: the correct reply chosen, a plausible wrong one
+rejected (a dropped or extra carry, one digit off): preferences that ask the model to add better.
 
 Design decisions:
 - Train and test are disjoint by construction, not by luck: a problem belongs to one split by
@@ -180,7 +187,30 @@ def wrong_sum(rng: random.Random, a: int, b: int) -> int:
             return wrong
 
 
-def preference_pair(rng: random.Random, split: str, digits: range) -> dict:
+OPENERS = ("Sure! ", "Happy to help. ")
+CLOSERS = (". Hope that helps!", ". Let me know if you have another one.")
+
+
+def padded(rng: random.Random, reply: str) -> str:
+    return rng.choice(OPENERS) + reply + rng.choice(CLOSERS)
+
+
+def is_padded(reply: str) -> bool:
+    return reply.startswith(OPENERS) or reply.endswith(CLOSERS)
+
+
+def addition_chatty(rng: random.Random, split: str, digits: range) -> tuple[str, str]:
+    question, reply = addition(rng, split, digits)
+    return question, padded(rng, reply) if rng.random() < 0.9 else reply
+
+
+def concise_pair(rng: random.Random, split: str, digits: range) -> dict:
+    question, reply = addition(rng, split, digits)
+    return {"prompt": [{"role": "user", "content": question}], "chosen": reply, "rejected": padded(rng, reply),
+            "task": "addition"}
+
+
+def correct_pair(rng: random.Random, split: str, digits: range) -> dict:
     question, reply = addition(rng, split, digits)
     a, b = map(int, re.findall(r"\d+", reply)[:2])
     return {"prompt": [{"role": "user", "content": question}], "chosen": reply,
@@ -210,13 +240,16 @@ TASKS = {
     "addition": Task(addition, last_integer, "add two D-digit numbers (--digits, default 3; --min-digits for fewer)"),
     "addition_cot": Task(addition_cot, last_integer, "addition's questions, answered column by column with carries",
                          stream="addition"),
+    "addition_chatty": Task(addition_chatty, last_integer, "addition, most replies padded with an opener and a closer"),
     "multiply": Task(multiply, last_integer, "multiply a 4-digit by a 3-digit number"),
     "multiply_tool": Task(multiply_tool, last_integer, "multiply's questions, answered with the calculator tool",
                           stream="multiply"),
     "spell": Task(spell, whole_reply, "spell a word letter by letter"),
     "identity": Task(identity, whole_reply, "questions about the assistant, with fixed answers"),
 }
-PAIRS = {"preference": "addition questions: the correct reply chosen, a plausible wrong one rejected (DPO)"}
+# Preference pairs for DPO: name -> (draw, about).
+PAIRS = {"preference": (concise_pair, "addition: the concise reply chosen, the same reply padded rejected"),
+         "preference_correct": (correct_pair, "addition: the correct reply chosen, a plausible wrong one rejected")}
 
 
 def answer(task: str | None, reply: str) -> str:
@@ -243,7 +276,7 @@ def generate(name: str, n: int, seed: int, split: str = "train", digits: int = 3
     rng = random.Random(f"{stream}-{split}-{seed}")
     digits = range(min_digits or digits, digits + 1)
     if name in PAIRS:
-        draw = lambda: preference_pair(rng, split, digits)  # noqa: E731
+        draw = lambda: PAIRS[name][0](rng, split, digits)  # noqa: E731
     else:
         draw = lambda: conversation(name, rng, split, digits, max_turns)  # noqa: E731
     if split == "train":
@@ -277,9 +310,9 @@ def main(argv=None):
     with report_user_errors(args.debug):
         if args.task == "list":
             for name, task in TASKS.items():
-                print(f"{name:14s} {task.about}")
-            for name, about in PAIRS.items():
-                print(f"{name:14s} {about}")
+                print(f"{name:18s} {task.about}")
+            for name, (_, about) in PAIRS.items():
+                print(f"{name:18s} {about}")
             return
         for flag, ok in (("--n", args.n >= 1), ("--digits", 1 <= args.digits <= 18), ("--max-turns", args.max_turns >= 1),
                          ("--min-digits", 0 <= args.min_digits <= args.digits)):

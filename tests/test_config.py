@@ -38,6 +38,7 @@ def test_resolved_config_round_trips_through_yaml():
     ("train.attention=fast", "train.attention='fast' is not one of: auto, flash, cudnn, efficient, math"),
     ("optim.schedule=linear", "optim.schedule='linear' is not one of"),
     ("model.pos=alibi", "model.pos='alibi' is not one of"),
+    ("dpo.nll=-1", "dpo.nll=-1.0 must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(UserError, match=None) as err:

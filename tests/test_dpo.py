@@ -81,6 +81,17 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(split, template):
     assert stats[1:4].abs().max().item() < 1e-6  # reward_chosen, reward_rejected, margin
 
 
+def test_nll_adds_the_chosen_replies_loss_per_token(split, template):
+    model = tiny(template.tokenizer.vocab_size)
+    x, y = split.batch(split.usable[:6], "cpu")
+    plain, plain_stats = DPO(model, beta=0.1, lora=False).loss(model, x, y)
+    loss, stats = DPO(model, beta=0.1, lora=False, nll=0.5).loss(model, x, y)
+    logits, _ = model(x[:6])
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits[r], y[r], ignore_index=-1) for r in range(6)]).mean()
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * nll.item(), rel=1e-5)
+    assert torch.equal(stats, plain_stats)  # dpo_loss and the rewards stay DPO's own
+
+
 class Table(torch.nn.Module):
     """A toy 'model': free logits per position, the same for every row."""
 

@@ -2,13 +2,14 @@
 (chat/agent.py) with and without the KV cache and batched as alone, and the tasks that use them."""
 
 import json
+import re
 
 import pytest
 import torch
 
 import evaluate
 from chat.agent import final_text, generate_turn, turn_messages
-from chat.tasks import column_addition, generate as make_task
+from chat.tasks import answer, column_addition, generate as make_task, is_padded
 from chat.template import ChatTemplate
 from chat.tools import calculate
 from data.tokenizer import CharTokenizer, with_chat_tokens
@@ -154,8 +155,23 @@ def test_column_addition_works_out_the_sum():
 
 
 def test_preference_pairs_prefer_the_right_sum():
-    for pair in make_task("preference", 50, 0, "train"):
+    for pair in make_task("preference_correct", 50, 0, "train"):
         assert set(pair) == {"prompt", "chosen", "rejected", "task"}
         a, b, right = (int(x) for x in pair["chosen"].replace("+", "=").split("="))
         assert a + b == right and pair["rejected"] != pair["chosen"]
         assert pair["rejected"].startswith(f"{a} + {b} = ") and json.dumps(pair)
+
+
+def test_preference_pairs_prefer_the_concise_reply():
+    for pair in make_task("preference", 50, 0, "test"):
+        a, b, right = (int(x) for x in pair["chosen"].replace("+", "=").split("="))
+        assert a + b == right and not is_padded(pair["chosen"]) and is_padded(pair["rejected"])
+        assert pair["chosen"] in pair["rejected"]  # the same answer, padded
+        assert answer("addition", pair["rejected"]) == answer("addition", pair["chosen"]) == str(right)
+    chatty = [c["messages"][-1]["content"] for c in make_task("addition_chatty", 400, 0, "train")]
+    assert 0.8 < sum(map(is_padded, chatty)) / len(chatty) < 0.97  # mostly padded, as the SFT data DPO corrects
+    test = [c for c in make_task("addition_chatty", 50, 0, "test") if is_padded(c["messages"][-1]["content"])]
+    concise = [re.search(r"\d+ \+ \d+ = \d+", c["messages"][-1]["content"]).group() for c in test]
+    assert all(r["correct"] for r in evaluate.score([(c, 1) for c in test], concise))  # a concise reply scores
+    wrong = [reply[:-1] + str((int(reply[-1]) + 1) % 10) for reply in concise]
+    assert not any(r["correct"] for r in evaluate.score([(c, 1) for c in test], wrong))

@@ -173,9 +173,14 @@ class LoraConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # objective=dpo: how far the policy may move from the reference (the KL penalty's inverse weight)
+    # Weight of the chosen replies' next-token loss (nats per token) added to DPO's (RPO, Pang et
+    # al., 2024): it keeps the chosen replies likely while the pair's margin grows. 0: plain DPO.
+    nll: float = 0.0
 
     def validate(self):
         positive(self, "dpo", "beta")
+        if not self.nll >= 0:
+            raise UserError(f"dpo.nll={self.nll} must be >= 0")
 
 
 @dataclass

@@ -15,7 +15,10 @@ the step, its loss (and statistics to log), and the evaluation on the held-out s
   `reward_margin` and `reward_accuracy` (the share of pairs whose chosen reward is the larger)
   for the training batches, and the same prefixed `val_` over the held-out pairs, with
   `val_loss` = `val_dpo_loss` for choosing the best checkpoint. Micro-batches weigh their
-  number of pairs.
+  number of pairs. `dpo.nll` > 0 adds that weight times the chosen replies' next-token loss
+  (nats per token; RPO, Pang et al., 2024) to the loss trained on, not to `dpo_loss`: DPO alone
+  may lower both replies' likelihoods as long as the margin grows, and this keeps the chosen
+  ones likely.
 
 The reference model is the starting model, frozen. Design decision: a frozen copy evaluated
 alongside the policy (full fine-tuning), or, with LoRA, the policy itself with its adapters
@@ -93,8 +96,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 class DPO:
     stats = ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
-    def __init__(self, model, beta: float, lora: bool):
-        self.beta, self.lora = beta, lora
+    def __init__(self, model, beta: float, lora: bool, nll: float = 0.0):
+        self.beta, self.lora, self.nll = beta, lora, nll
         self.policy = model  # unwrapped: the reference runs outside DDP/compile
         if lora:
             self.reference = None
@@ -120,7 +123,10 @@ class DPO:
         ref = self.reference_logps(x, y)
         policy = completion_logps(model, x, y)
         b = x.shape[0] // 2
-        return dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.beta)
+        loss, stats = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.beta)
+        if self.nll:
+            loss = loss - self.nll * (policy[:b] / (y[:b] != IGNORE).sum(dim=-1)).mean()
+        return loss, stats
 
     @torch.no_grad()
     def evaluate(self, model, batches, rt, d, token_bytes) -> dict:
@@ -146,5 +152,5 @@ class DPO:
 def build_objective(cfg, model):
     """The objective `train.objective` names, for `model` (unwrapped, on its device)."""
     if cfg.train.objective == "dpo":
-        return DPO(model, cfg.dpo.beta, lora=cfg.lora.rank > 0)
+        return DPO(model, cfg.dpo.beta, lora=cfg.lora.rank > 0, nll=cfg.dpo.nll)
     return LanguageModeling()
