@@ -4,13 +4,13 @@
     python bench/muon.py step [--configs ...] [--rounds 30] [--threads 2]
 
 qkv: the attention's c_attn weight stacks W_q, W_k and W_v, shape (3C, C). This trainer's Muon
-orthogonalises it as one matrix; modded-nanogpt orthogonalises the three C x C blocks
-separately (each block's update then has unit singular values of its own, instead of sharing
-one spectrum with the other two), each at the scale of a square matrix (the same entry RMS as
-the whole matrix's update). Each config trains to its max_iters with no early stop, once
-per variant and seed, and the final val loss over the whole val split is compared at equal
-steps. The split variant runs train.py with `zeropower_via_newtonschulz5` wrapped so that a
-(3C, C) matrix is orthogonalised as a batch of three (C, C) ones; nothing else changes.
+orthogonalises the three blocks separately, as modded-nanogpt does (each block's update then
+has unit singular values of its own, instead of sharing one spectrum with the other two), each
+at the scale of its own shape; the alternative orthogonalises the stack as one matrix (this
+trainer's choice before the measurement in bench/RESULTS.md). Each config trains to its
+max_iters with no early stop, once per variant and seed, and the final val loss over the whole
+val split is compared at equal steps. The one-matrix variant runs train.py with the model's
+`row_blocks()` emptied; nothing else changes.
 
 step: the time to orthogonalise one step's updates of a config's hidden matrices, the way
 trainer/muon.py does it (same-shaped matrices as one batch, fused multiply-adds) against one
@@ -31,23 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages first (its common/)
 from bench.harness import REPO, machine  # noqa: E402
 
-SPLIT_TRAIN = textwrap.dedent(f"""
+ONE_MATRIX_TRAIN = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {str(REPO)!r})  # this checkout's packages, not an installed copy's
-    import trainer.muon as muon
-    whole = muon.zeropower_via_newtonschulz5
+    from model.gpt import GPT
 
-    def split_qkv(G, steps=5, dtype=None):
-        # Same-shaped matrices arrive stacked: (layers, 3C, C) for c_attn, whose three C x C
-        # blocks are W_q, W_k and W_v (the MLP's are 4C x C and C x 4C). Each block is
-        # orthogonalised alone; divided by sqrt(3) because Muon scales a (3C, C) update by
-        # sqrt(rows / cols), while modded-nanogpt scales each square block by 1.
-        rows, cols = G.shape[-2:]
-        if rows == 3 * cols:
-            return whole(G.reshape(-1, cols, cols), steps, dtype).reshape(G.shape) / 3 ** 0.5
-        return whole(G, steps, dtype)
-
-    muon.zeropower_via_newtonschulz5 = split_qkv
+    GPT.row_blocks = lambda self: {{}}  # c_attn orthogonalised as one (3C, C) matrix
     sys.argv = sys.argv[1:]
     import train
     train.main()
@@ -89,8 +78,8 @@ def step_times(config: str, rounds: int, threads: int):
     matrices = build_model(cfg.model).param_groups()["matrix"]
     updates = [torch.randn_like(p) for p in matrices]
     muon = Muon(matrices)
-    variants = {"batched": lambda: muon._orthogonalised(updates, 5),
-                "one at a time": lambda: [one_at_a_time(u) for u in updates]}
+    variants = {"batched": lambda: muon._orthogonalised(matrices, updates, 5, "original"),
+                "one at a time": lambda: [one_at_a_time(u) * Muon._scale(u.shape, "original") for u in updates]}
     diff = max((a - b).abs().max().item() for a, b in zip(*(fn() for fn in variants.values())))
     times = {name: [] for name in variants}
     for _ in range(rounds):
@@ -119,9 +108,9 @@ def main():
             step_times(config, args.rounds, args.threads)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        wrapper = Path(tmp) / "split_qkv_train.py"
-        wrapper.write_text(SPLIT_TRAIN)
-        variants = {"one matrix": ["train.py"], "three matrices": [str(wrapper), "train.py"]}
+        wrapper = Path(tmp) / "one_matrix_train.py"
+        wrapper.write_text(ONE_MATRIX_TRAIN)
+        variants = {"one matrix": [str(wrapper), "train.py"], "three matrices": ["train.py"]}
         for config in args.configs:
             results = {name: [] for name in variants}
             for seed in args.seeds:

@@ -113,6 +113,11 @@ class LanguageModel(nn.Module):
             groups[role].append(p)
         return groups
 
+    def row_blocks(self) -> dict[int, tuple[int, ...]]:
+        """Weights that stack several linear maps by rows, as {id(parameter): each map's rows}:
+        Muon orthogonalises them one map at a time (trainer/muon.py)."""
+        return {}
+
     # What distribution and MFU need ------------------------------------------------------------
 
     def units(self) -> nn.ModuleList | None:

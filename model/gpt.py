@@ -138,6 +138,11 @@ class GPT(LanguageModel):
     def units(self):
         return self.blocks
 
+    def row_blocks(self):
+        c = self.cfg  # c_attn stacks W_q (n_head heads), W_k and W_v (n_kv_head heads each)
+        kv = (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head)
+        return {id(block.attn.c_attn.weight): (c.n_embd, kv, kv) for block in self.blocks}
+
     def lora_targets(self):
         layers = range(self.cfg.n_layer)
         return {"attn": [f"blocks.{i}.attn.{n}" for i in layers for n in ("c_attn", "c_proj")],

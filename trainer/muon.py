@@ -55,6 +55,13 @@ Design decisions:
 * Weight decay is decoupled and multiplied by lr (as in AdamW / modded-nanogpt),
   so it follows any lr schedule applied to ``group["lr"]``.
 
+* A matrix that stacks several linear maps by rows (attention's c_attn: W_q, W_k, W_v) is
+  orthogonalised one map at a time (``row_blocks``, from the model's ``row_blocks()``), each
+  block scaled for its own shape, as modded-nanogpt does: measured against one (3C, C)
+  matrix, three blocks reach a lower val loss at equal steps (`python bench/muon.py qkv`,
+  bench/RESULTS.md). Orthogonalising the stack would couple the three maps' steps (their
+  directions share one set of singular values) and scale them as one tall matrix.
+
 * Rows > cols is handled by orthogonalising the transpose, so the Gram matrix
   X X^T is always the smaller (min, min) one.
 
@@ -156,6 +163,8 @@ class Muon(torch.optim.Optimizer):
             ``"match_rms"`` -> scale ``0.2 * sqrt(max(rows, cols))``.
         ns_dtype: dtype for Newton-Schulz; ``None`` picks bfloat16 for CUDA
             params and float32 otherwise.
+        row_blocks: ``{id(param): (rows, rows, ...)}`` for parameters that stack
+            several maps by rows; each block is orthogonalised and scaled alone.
     """
 
     def __init__(
@@ -168,8 +177,10 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         adjust_lr: str = "original",
         ns_dtype: torch.dtype | None = None,
+        row_blocks: dict[int, tuple[int, ...]] | None = None,
     ):
         self.ns_dtype = ns_dtype
+        self.row_blocks = dict(row_blocks or {})
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -211,26 +222,35 @@ class Muon(torch.optim.Optimizer):
             return max(1.0, rows / cols) ** 0.5
         return 0.2 * max(rows, cols) ** 0.5
 
-    def _orthogonalised(self, updates: list[Tensor], steps: int) -> list[Tensor]:
-        """Newton-Schulz of each update, the same-shaped ones together as one batch: one batched
-        matmul per step instead of one per matrix (fewer, larger ops; a transformer's matrices
-        come in a few shapes, once per layer). An FSDP2 shard (a DTensor) is gathered into its
-        whole matrix first, and this rank keeps its rows of the result (src_data_rank=None:
-        every rank computed the same whole, so nothing needs scattering)."""
+    def _orthogonalised(self, params: list[Tensor], updates: list[Tensor], steps: int, adjust_lr: str) -> list[Tensor]:
+        """Each update orthogonalised and scaled for its shape: a matrix, or each of its row
+        blocks (`row_blocks`) on its own. Same-shaped matrices go together as one batch: one
+        batched matmul per Newton-Schulz step instead of one per matrix (fewer, larger ops; a
+        transformer's matrices come in a few shapes, once per layer). An FSDP2 shard (a
+        DTensor) is gathered into its whole matrix first, and this rank keeps its rows of the
+        result (src_data_rank=None: every rank computed the same whole, so nothing needs
+        scattering)."""
         wholes = [u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates]
-        out: list[Tensor | None] = [None] * len(updates)
+        pieces = [list(w.split(self.row_blocks[id(p)])) if id(p) in self.row_blocks else [w]
+                  for p, w in zip(params, wholes)]
+        flat = [piece for ps in pieces for piece in ps]
         by_shape: dict[tuple, list[int]] = {}
-        for i, w in enumerate(wholes):
-            by_shape.setdefault((w.shape, w.dtype, w.device), []).append(i)
+        for j, piece in enumerate(flat):
+            by_shape.setdefault((piece.shape, piece.dtype, piece.device), []).append(j)
+        done: list[Tensor | None] = [None] * len(flat)
         for members in by_shape.values():
-            batch = zeropower_via_newtonschulz5(torch.stack([wholes[i] for i in members]), steps, self.ns_dtype)
-            for i, o in zip(members, batch.unbind(0)):
-                out[i] = o
-        for i, u in enumerate(updates):
+            batch = zeropower_via_newtonschulz5(torch.stack([flat[j] for j in members]), steps, self.ns_dtype)
+            for j, o in zip(members, batch.unbind(0)):
+                done[j] = o * self._scale(o.shape, adjust_lr)
+        out, j = [], 0
+        for u, ps in zip(updates, pieces):
+            whole = done[j] if len(ps) == 1 else torch.cat(done[j:j + len(ps)])
+            j += len(ps)
             if hasattr(u, "full_tensor"):
                 from torch.distributed.tensor import distribute_tensor
 
-                out[i] = distribute_tensor(out[i], u.device_mesh, u.placements, src_data_rank=None)
+                whole = distribute_tensor(whole, u.device_mesh, u.placements, src_data_rank=None)
+            out.append(whole)
         return out
 
     @torch.no_grad()
@@ -258,8 +278,8 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - mom)
                 # Out of place so p.grad is left intact for logging / clipping by the caller.
                 updates.append(grad.lerp(buf, mom) if group["nesterov"] else buf)
-            for p, update in zip(params, self._orthogonalised(updates, group["ns_steps"])):
+            for p, update in zip(params, self._orthogonalised(params, updates, group["ns_steps"], group["adjust_lr"])):
                 if wd != 0:
                     p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * self._scale(p.shape, group["adjust_lr"]))
+                p.add_(update, alpha=-lr)
         return loss

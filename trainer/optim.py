@@ -74,7 +74,8 @@ def build_optimizers(model, cfg, device_type: str) -> Optimizers:
     optimizers = [torch.optim.AdamW(adamw_groups, **_adamw_kwargs(cfg, device_type))] if adamw_groups else []
     if muon and roles["matrix"]:
         # No decay on Muon's matrices: at Muon's lr, AdamW's decay would shrink them ~100x faster.
-        optimizers.append(Muon([group(roles["matrix"], cfg.muon_lr, 0.0)], momentum=cfg.muon_momentum))
+        optimizers.append(Muon([group(roles["matrix"], cfg.muon_lr, 0.0)], momentum=cfg.muon_momentum,
+                               row_blocks=model.row_blocks()))
     return Optimizers(optimizers)
 
 
