@@ -171,7 +171,7 @@ def dpo(out: Path, reuse: bool, log):
         sft = finetune(sft_name, out, reuse, log)
         stages = [(f"SFT on `{task}`, before DPO", sft)]
         for label, options in DPO_RUNS:
-            tuned = out / f"dpo_{name}{'_' if options else ''}{'_'.join(o.replace('=', '') for o in options)}"
+            tuned = out / "_".join(["dpo", name, *(o.replace("=", "") for o in options)])
             stages.append((label, tuned))
             if reuse and (tuned / "latest.pt").exists():
                 continue
