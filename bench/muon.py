@@ -13,9 +13,10 @@ val split is compared at equal steps. The one-matrix variant runs train.py with 
 `row_blocks()` emptied; nothing else changes.
 
 step: the time to orthogonalise one step's updates of a config's hidden matrices, the way
-trainer/muon.py does it (same-shaped matrices as one batch, fused multiply-adds) against one
-matrix at a time with separate ops (its previous code), alternating in one process, median of
-the rounds; with the largest difference between the two results.
+trainer/muon.py does it (same-shaped matrices as one batch, c_attn as its three blocks, fused
+multiply-adds) against one matrix (or block) at a time with separate ops (its previous code),
+alternating in one process, median of the rounds; with the largest difference between the two
+results.
 """
 
 import argparse
@@ -75,12 +76,21 @@ def step_times(config: str, rounds: int, threads: int):
 
     torch.set_num_threads(threads)
     cfg = load_config(str(REPO / config), ["model.vocab_size=65"])
-    matrices = build_model(cfg.model).param_groups()["matrix"]
+    model = build_model(cfg.model)
+    matrices, blocks = model.param_groups()["matrix"], model.row_blocks()  # c_attn as its three maps
     updates = [torch.randn_like(p) for p in matrices]
-    muon = Muon(matrices)
+    muon = Muon(matrices, row_blocks=blocks)
+
+    def separately():
+        return [torch.cat([one_at_a_time(piece) * Muon._scale(piece.shape, "original")
+                           for piece in (u.split(blocks[id(p)]) if id(p) in blocks else [u])])
+                for p, u in zip(matrices, updates)]
+
     variants = {"batched": lambda: muon._orthogonalised(matrices, updates, 5, "original"),
-                "one at a time": lambda: [one_at_a_time(u) * Muon._scale(u.shape, "original") for u in updates]}
+                "one at a time": separately}
     diff = max((a - b).abs().max().item() for a, b in zip(*(fn() for fn in variants.values())))
+    for fn in 2 * list(variants.values()):  # warm-up: the first calls in a process pay for allocations
+        fn()
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
