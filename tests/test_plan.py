@@ -99,6 +99,21 @@ def test_a_run_within_ten_percent_of_the_limit_warns(data, tmp_path, monkeypatch
     assert lines[0].startswith("warning: memory is tight: the run needs about") and lines[1].startswith("memory: ")
 
 
+def test_a_lora_run_is_estimated_with_state_for_its_adapters_only(data, tmp_path):
+    def estimate(*overrides):
+        cfg = load_config(train_args(data, tmp_path)[0], train_args(data, tmp_path, "optim.optimizer=adamw", *overrides)[1:])
+        rt, batch = setup_runtime(cfg.train), plan_batches(cfg.train, cfg.model.block_size, 1)
+        return estimate_run(cfg, rt, Dist(), batch, vocab=64)
+
+    full, lora = estimate(), estimate("lora.rank=4")
+    adapters = sum(p.numel() for p in lora.model.parameters() if p.requires_grad)
+    assert 0 < adapters < full.model.num_params() / 4
+    assert lora.footprint.optimizer == 8 * adapters  # AdamW's two float32 states
+    assert lora.footprint.gradients == 4 * adapters
+    assert full.footprint.optimizer == 8 * full.model.num_params()
+    assert lora.footprint.weights - full.footprint.weights == 4 * adapters  # the frozen weights stay
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(data, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(train_args(data, out, "train.max_iters=500", "--dry-run"))

@@ -9,8 +9,9 @@ config and the model's shape alone (the model is built on the meta device: nothi
   the context is outside both the allocator's count and the free memory it is compared with.
 - weights: float32 master copies (autocast casts on the fly, and keeps bf16 copies of the matmul
   weights during a forward); FSDP keeps 1/world of them plus two gathered units (one in use, one
-  prefetched). gradients: float32, one per parameter, sharded under FSDP. optimizer: AdamW keeps
-  two float32 states per parameter, Muon one momentum per hidden matrix (AdamW on the rest).
+  prefetched). gradients: float32, one per trained parameter (under LoRA, the adapters'),
+  sharded under FSDP. optimizer: AdamW keeps two float32 states per trained parameter, Muon one
+  momentum per hidden matrix (AdamW on the rest).
 - training peak, at the start of a backward: the activations saved for it (the model's
   `activation_bytes`: its layers, attention kernel, activation checkpointing), the loss's
   logits (`logits_bytes`), and gradients accumulated by earlier micro-steps. With
@@ -70,11 +71,12 @@ def estimate_memory(cfg, model, micro_batch: int, grad_accum: int, device: torch
     if not model.trainable:  # a counted model: its tables and an evaluation
         return Footprint(runtime, weights, 0, 0, 0, 0, 0, eval_logits, 0, runtime + weights + eval_logits)
 
-    roles = model.param_groups()
+    roles = model.param_groups()  # trainable parameters only: under LoRA, the adapters
+    trained = sum(p.numel() for group in roles.values() for p in group)
     muon = sum(p.numel() for p in roles["matrix"]) if cfg.optim.optimizer == "muon" else 0
-    optimizer = (4 * muon + 8 * (count - muon)) // shard
-    gradients = 4 * count // shard
-    buckets = 4 * count if parallel == "ddp" else 0  # DDP's gradient buckets: a flat copy of every gradient
+    optimizer = (4 * muon + 8 * (trained - muon)) // shard
+    gradients = 4 * trained // shard
+    buckets = 4 * trained if parallel == "ddp" else 0  # DDP's gradient buckets: a flat copy of every gradient
     if parallel == "fsdp" and model.units():
         weights += 2 * e * max(sum(p.numel() for p in unit.parameters()) for unit in model.units())
     compiled = cfg.train.compile and device.type == "cuda"
@@ -84,7 +86,7 @@ def estimate_memory(cfg, model, micro_batch: int, grad_accum: int, device: torch
     heap = max(activations - logits, 0) if device.type == "cpu" else 0
     autocast_copies = 2 * model.matmul_params() if e != 4 and not compiled else 0
     # FSDP keeps unsharded gradients between micro-steps that do not synchronise.
-    accumulated = (4 * count if parallel == "fsdp" else gradients) if grad_accum > 1 else 0
+    accumulated = (4 * trained if parallel == "fsdp" else gradients) if grad_accum > 1 else 0
     training = accumulated + autocast_copies + activations + logits + heap
     peak = runtime + weights + optimizer + buckets + max(training, gradients, eval_logits)
     return Footprint(runtime, weights, optimizer, gradients, buckets, activations, logits, eval_logits, heap, peak)

@@ -122,6 +122,7 @@ def estimate_run(cfg, rt, d, batch, vocab: int = 0) -> Estimate:
     model_cfg, start = planned_model_config(cfg, vocab)
     with torch.device("meta"):
         model = build_model(model_cfg)
+        add_adapters(model, cfg.lora)  # lora.rank > 0: only the adapters train (the chat-token rows: a few more)
     runtime = runtime_baseline(rt.device)
     footprint = _footprint(cfg, model, rt, d, batch.micro_batch, batch.grad_accum, runtime)
     available, where = available_bytes(rt.device)
