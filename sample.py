@@ -9,8 +9,10 @@ generate -> stream. The checkpoint carries its tokenizer, so no corpus or networ
 Text goes to stdout; everything else (the summary `generated N tokens in T s (R tokens/s)`,
 errors, the REPL's `> `) to stderr, so the output pipes cleanly.
 
-On CUDA each new token's step is replayed from a CUDA graph captured at the first one
-(GPT's decoder, model/kv_cache.py DecodeStep); `--no-cuda-graph` launches the kernels one by one instead.
+Each new token's step is captured at the first one and replayed (GPT's decoder,
+model/kv_cache.py DecodeStep): as a CUDA graph on CUDA, as a TorchScript trace on the CPU in
+float32, where it saves the Python around every operator. `--no-capture` runs the steps op by
+op from Python instead.
 
 Several samples run as one batch. The first one streams as it is produced (someone is
 watching); the others are printed whole after it, in order, once the batch is done, each
@@ -53,11 +55,14 @@ def unescape(text: str) -> str:
 
 def decode_mode(device: torch.device, args) -> str:
     """How one-token steps run (GPT's decoder, model/kv_cache.py): replayed from a CUDA graph on
-    CUDA; with fixed shapes when compiled (one compiled step serves every position); else over the
-    cache's valid slots, the least work for eager steps."""
-    if device.type == "cuda" and not args.no_cuda_graph:
+    CUDA; with fixed shapes when compiled (one compiled step serves every position); replayed
+    from a trace on the CPU (float32 only: under autocast the decoder runs the steps eagerly);
+    else over the cache's valid slots, the least work for eager steps."""
+    if device.type == "cuda" and not args.no_capture:
         return "graph"
-    return "static" if args.compile else "dynamic"
+    if args.compile:
+        return "static"
+    return "trace" if device.type == "cpu" and not args.no_capture else "dynamic"
 
 
 def answer(prompt: str, echo_prompt: bool, model, tokenizer, args, rt: Runtime) -> int:
@@ -121,8 +126,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", help="auto (bf16/fp16 autocast on GPU, fp32 elsewhere) | float32 | bfloat16 | float16")
     ap.add_argument("--no-kv-cache", dest="kv_cache_off", action="store_true",
                     help="recompute the whole context for every token (slow; for checking the cache)")
-    ap.add_argument("--no-cuda-graph", action="store_true",
-                    help="on CUDA, launch each token's kernels from Python instead of replaying a CUDA graph")
+    ap.add_argument("--no-capture", "--no-cuda-graph", dest="no_capture", action="store_true",
+                    help="run each token's step op by op from Python instead of replaying the captured step "
+                         "(a CUDA graph on CUDA, a TorchScript trace on the CPU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (pays on CUDA; on CPU only for long generations, see README)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks for errors")

@@ -11,8 +11,9 @@ top-k 200, as nanoGPT's sample.py), so it runs well past the context window. It 
    nanoGPT's loop: crop to the last block_size tokens and run the whole window for every token;
    and their ratio;
 2. a batch of 8 samples against 8 samples one after the other (both with the cache);
-3. on CUDA, the cached path with its one-token steps replayed from a CUDA graph (sample.py's
-   default there), then the same with the model compiled (`sample.py --compile`).
+3. on the CPU in float32, the cached path with its one-token steps replayed from a TorchScript
+   trace (sample.py's default there; tracing counted); on CUDA, replayed from a CUDA graph
+   (sample.py's default there), then the same with the model compiled (`sample.py --compile`).
 
 Timing is wall clock around whole generations, after one short warm-up, with the device
 synchronised. `--quick` shortens everything for a smoke test.
@@ -20,7 +21,7 @@ synchronised. `--quick` shortens everything for a smoke test.
 Two more modes, for the CPU:
 
     python bench/generate.py --sample-py [--rounds 3] [--tokens 1000] [--prompt ROMEO:] [--also '--dtype bfloat16']
-    python bench/generate.py --profile [--tokens 200] [--threads 2]
+    python bench/generate.py --profile [--tokens 200] [--threads 2] [--decode trace]
 
 `--sample-py` times what a user runs: `python sample.py --ckpt RUN --prompt ROMEO:
 --max-new-tokens 1000 --temperature 1.0` on a checkpoint of nanoGPT's Shakespeare shape
@@ -160,19 +161,19 @@ def sample_py_vs_recompute(args):
           f"rounds {min(r[0] for r in ratios):.1f}-{max(r[0] for r in ratios):.1f}x; target >= 10x)")
 
 
-def profile(model, n: int):
+def profile(model, n: int, decode: str):
     """Where one cached token's time goes on the CPU: operators (count, self time) and Python."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     generator = torch.Generator().manual_seed(0)
     idx = torch.zeros(1, 1, dtype=torch.long)
-    cached()(model, idx, 8, generator)
+    cached(decode)(model, idx, 8, generator)
     start = time.perf_counter()
-    cached()(model, idx, n, generator)
+    cached(decode)(model, idx, n, generator)
     wall = (time.perf_counter() - start) / n
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        cached()(model, idx, n, generator)
+        cached(decode)(model, idx, n, generator)
     events = prof.key_averages()
     top_level = sum(e.self_cpu_time_total for e in events) / 1e6 / n  # every op's own time, once
     print(f"{wall * 1e3:.2f} ms per token without the profiler; under it, per token: "
@@ -196,6 +197,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="200 tokens, batch of 2: a smoke test")
     ap.add_argument("--sample-py", action="store_true", help="sample.py's summary line against nanoGPT's generate")
     ap.add_argument("--profile", action="store_true", help="what one cached token costs on the CPU")
+    ap.add_argument("--decode", default="dynamic", help="with --profile: dynamic | static | trace (sample.py's CPU default)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--also", action="append", default=[], metavar="ARGS",
                     help="with --sample-py: also time sample.py with these extra arguments, e.g. '--dtype bfloat16'")
@@ -220,7 +222,7 @@ def main():
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {model.num_params() / 1e6:.1f}M parameters, "
           f"{args.pos} positions, {args.dtype}, {n} new tokens from a 1-token prompt")
     if args.profile:
-        profile(model, n)
+        profile(model, n, args.decode)
         return
 
     with_cache = tokens_per_s(cached(), model, 1, n, device)
@@ -228,6 +230,10 @@ def main():
     print(f"KV cache        {with_cache:10.1f} tokens/s")
     print(f"no cache        {without:10.1f} tokens/s   (nanoGPT: whole window per token)")
     print(f"speed-up        {with_cache / without:10.1f}x")
+    if device.type == "cpu" and args.dtype == "float32":
+        traced = tokens_per_s(cached("trace"), model, 1, n, device)  # tracing counted: each generation traces
+        print(f"KV cache, traced{traced:10.1f} tokens/s   ({traced / with_cache:.2f}x eager, {traced / without:.1f}x "
+              f"no cache; sample.py's CPU default)")
 
     batched = tokens_per_s(cached(), model, args.batch, n, device)
     sequential = tokens_per_s(cached(), model, 1, n, device, repeats=args.batch)

@@ -23,6 +23,8 @@ positions, since a sliding window of block_size per layer reaches back exactly t
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -43,14 +45,15 @@ class KVCache:
     - several new tokens (a prefill): the cached keys in order, then the new ones;
     - one new token: the valid slots (in any order once the ring has wrapped, which attention
       does not mind, and all within its window);
-    - one new token with `position` set (a 0-dim device tensor holding `pos`; `DecodeStep`):
-      every slot, with a mask of the valid ones. Fixed shapes, nothing read on the host: the
-      same kernels serve every position, which is what a CUDA graph needs."""
+    - one new token in `DecodeStep`, which sets `fixed` for its steps only (the slot to write,
+      a (1,) device tensor, and the (1, window) mask of the valid slots): every slot, masked.
+      Fixed shapes, nothing read on the host: the same kernels serve every position, which is
+      what a captured step (a CUDA graph, a trace) needs."""
 
     def __init__(self, window: int):
         self.window = window
         self.pos = 0  # positions seen so far
-        self.position: torch.Tensor | None = None
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.k = self.v = None
 
     def reset(self):
@@ -73,11 +76,11 @@ class KVCache:
         if self.k is None:
             self.k = k.new_zeros(B, H, W, D)
             self.v = torch.zeros_like(self.k)
-        if T == 1 and self.position is not None:  # the fixed-shape decode step; DecodeStep advances pos
-            slot = (self.position % W).view(1)
+        if self.fixed is not None:  # the fixed-shape decode step (one token); DecodeStep advances pos
+            slot, mask = self.fixed
             self.k.index_copy_(2, slot, k)
             self.v.index_copy_(2, slot, v)
-            return self.k, self.v, (torch.arange(W, device=k.device) <= self.position).view(1, W)
+            return self.k, self.v, mask
         if T == 1:  # the decode step: no copy of the past, no mask
             slot = self.pos % W
             self.k[:, :, slot] = k[:, :, 0]
@@ -98,39 +101,70 @@ class KVCache:
 
 class DecodeStep:
     """The one-token step (every row gets one new token) over fixed-shape caches, optionally
-    captured once as a CUDA graph and replayed for every token.
+    captured once and replayed for every token (`capture`):
 
-    At batch 1 a small model's decode step is a few hundred tiny kernels, and launching them
-    from Python costs more than running them; a graph replay launches them all at once. The
-    inputs live in fixed device tensors (the token, its model position, the caches' fill)
-    that are written before each replay. Autocast runs without its weight-cast cache here:
-    casts cached outside the graph could be freed while the graph still reads them."""
+    - "graph": a CUDA graph. At batch 1 a small model's decode step is a few hundred tiny
+      kernels, and launching them from Python costs more than running them; a replay launches
+      them all at once. Autocast runs without its weight-cast cache here: casts cached outside
+      the graph could be freed while the graph still reads them.
+    - "trace": a TorchScript trace, for the CPU in float32. There the kernels are cheap but
+      Python is not: module calls, views and argument parsing around ~250 operators cost about
+      a third of a token of nanoGPT's Shakespeare shape (bench/generate.py --profile). The
+      trace runs the same operators from C++, so its logits are the eager step's bit for bit.
+      Tracing freezes whatever the step reads on the host, which is why a step that converts a
+      tensor to a Python number (a TracerWarning) is not traced but run eagerly.
 
-    def __init__(self, model, caches: list[KVCache], batch: int, device, graph: bool):
+    The inputs live in fixed tensors (the token, its model position, the caches' fill) that are
+    written before each replay, and nothing in the step is read back on the host."""
+
+    def __init__(self, model, caches: list[KVCache], batch: int, device, capture: str | None):
         self.model, self.caches = model, caches
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.start = torch.zeros((), dtype=torch.long, device=device)  # the token's model position
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # positions already cached
-        for cache in caches:
-            cache.position = self.filled
         self.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        self.want_graph, self.graph, self.logits = graph, None, None
+        self.capture, self.replay, self.logits = capture, None, None
 
     def _forward(self):
+        # The caches take their fixed-shape path for this step only: a prefill (a restarted
+        # window) may run between steps. Telling them so, rather than letting them test the
+        # token count, keeps the shapes out of Python conditions, which a trace would freeze.
+        window = self.caches[0].window
+        fixed = (self.filled % window).view(1), (torch.arange(window, device=self.filled.device) <= self.filled)[None]
+        for cache in self.caches:
+            cache.fixed = fixed
         enabled, dtype = self.autocast
         with torch.autocast(self.token.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            return self.model(self.token, kv_caches=self.caches, start_pos=self.start)[0][:, -1]
+            logits = self.model(self.token, kv_caches=self.caches, start_pos=self.start)[0][:, -1]
+        for cache in self.caches:
+            cache.fixed = None
+        return logits
 
-    def _capture(self):
+    def _capture_graph(self):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisation, compilation
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self.logits = self._forward()
+        return graph.replay
+
+    def _capture_trace(self):
+        step = _TracedStep(self)
+        inputs = (self.token, self.start, self.filled)
+        with warnings.catch_warnings(record=True) as caught:
+            # TorchScript is deprecated in favour of torch.compile, whose compilation takes longer on
+            # a CPU than a whole sample; without it (a future torch) decoding runs eagerly.
+            warnings.simplefilter("always")
+            traced = torch.jit.trace(step, inputs, check_trace=False)
+        frozen = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        if frozen:
+            where = f"{Path(frozen[0].filename).name}:{frozen[0].lineno}"
+            raise RuntimeError(f"the step reads a tensor on the host ({where}), which a trace would freeze")
+        return lambda: traced(*inputs)
 
     def __call__(self, token: torch.Tensor, start_pos: int) -> torch.Tensor:
         # The warm-up and the capture write this token's keys to its own slot: the same values
@@ -140,24 +174,41 @@ class DecodeStep:
         self.filled.fill_(self.caches[0].pos)
         rotary = self.model.rotary
         if rotary is not None and start_pos >= rotary.cos.shape[0]:
-            rotary.reserve(start_pos + 1)  # new tables: a graph that read the old ones is stale
-            self.graph = None
-        if self.want_graph and self.graph is None:
+            rotary.reserve(start_pos + 1)  # new tables: a capture that read the old ones is stale
+            self.replay = None
+        if self.capture and self.replay is None:
             try:
-                self._capture()
-            except Exception as e:  # an op a graph cannot hold: decode on without one
-                self.want_graph, self.graph = False, None
+                self.replay = self._capture_graph() if self.capture == "graph" else self._capture_trace()
+            except Exception as e:  # an op the capture cannot hold: decode on without one
+                kind, self.capture, self.replay = self.capture, None, None
                 reason = (str(e).strip().splitlines() or [""])[0][:160]
-                print(f"CUDA graph capture failed ({type(e).__name__}: {reason}); decoding without it",
-                      file=sys.stderr)
-        if self.graph is not None:
-            self.graph.replay()
+                what = "CUDA graph capture" if kind == "graph" else "TorchScript trace"
+                print(f"{what} failed ({type(e).__name__}: {reason}); decoding without it", file=sys.stderr)
+        if self.replay is None:
+            logits = self._forward()
+        elif self.capture == "graph":
+            self.replay()
             logits = self.logits
         else:
-            logits = self._forward()
+            logits = self.replay()
         for cache in self.caches:
             cache.pos += 1
         return logits
+
+
+class _TracedStep(torch.nn.Module):
+    """What `torch.jit.trace` records: the step as a module, so the weights stay the model's own
+    parameters (a trace keeps other tensors as constants, and refuses ones that need grad). The
+    tracer binds the step's input tensors to the graph's inputs by identity, which is how the
+    token, position and fill written before each call reach the replay."""
+
+    def __init__(self, step: DecodeStep):
+        super().__init__()
+        self.model = step.model
+        self.forward_step = step._forward
+
+    def forward(self, token, start, filled):
+        return self.forward_step()
 
 
 class KVDecoder:
@@ -167,12 +218,14 @@ class KVDecoder:
     `next_logits(tokens)` takes the whole sequence so far (B, N), prompt included, and returns
     (B, vocab) logits; with the cache it feeds only the tokens it has not seen yet. `decode`
     picks how one-token steps run: "dynamic" (the cache's valid slots), "static" (fixed
-    shapes, `DecodeStep`) or "graph" (fixed shapes replayed from a CUDA graph, which needs the
-    rotary tables sized up front for `max_len` positions: growing them later means a re-capture)."""
+    shapes, `DecodeStep`), or fixed shapes captured once and replayed: "graph" (a CUDA graph)
+    or "trace" (a TorchScript trace on the CPU; under autocast the steps run "dynamic", whose
+    weight casts are cached). A capture needs the rotary tables sized up front for `max_len`
+    positions: growing them later means capturing again."""
 
     def __init__(self, model, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0):
         self.model = model
-        if decode == "graph" and model.rotary is not None:
+        if decode in ("graph", "trace") and model.rotary is not None:
             model.rotary.reserve(max_len)
         self.use_cache = use_cache
         self.decode = decode
@@ -216,9 +269,12 @@ class KVDecoder:
 
     def _feed(self, tokens, start_pos: int):
         new = tokens[:, self.fed:]
+        if self.decode == "trace" and torch.is_autocast_enabled(new.device.type):
+            self.decode = "dynamic"  # a trace would redo autocast's weight casts at every step
         if new.shape[1] == 1 and self.decode != "dynamic":
             if self.step is None:
-                self.step = DecodeStep(self.model, self.caches, new.shape[0], new.device, self.decode == "graph")
+                capture = self.decode if self.decode in ("graph", "trace") else None
+                self.step = DecodeStep(self.model, self.caches, new.shape[0], new.device, capture)
             logits = self.step(new, start_pos)
         else:
             logits = self.model(new, kv_caches=self.caches, start_pos=start_pos)[0][:, -1]

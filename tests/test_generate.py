@@ -56,17 +56,43 @@ def run(model, prompt, steps, sampling, seed=None, use_cache=True, eot_id=None):
     return torch.stack(list(generate(model, prompt, steps, sampling, gen, eot_id=eot_id, use_cache=use_cache)), 1)
 
 
-@pytest.mark.parametrize("decode", ["dynamic", "static"])
+@pytest.mark.parametrize("decode", ["dynamic", "static", "trace"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_logits_match_full_forward_every_step(arch, decode):
-    # "static" is the fixed-shape step that CUDA graphs replay: every cache slot plus a mask.
+    # "static" is the fixed-shape step that CUDA graphs replay: every cache slot plus a mask;
+    # "trace" replays that step from a TorchScript trace (sample.py's CPU default).
     model = tiny_model(**ARCHS[arch])
     tokens = torch.randint(0, 50, (2, 4 * BLOCK), generator=torch.Generator().manual_seed(1))
-    cached, full = KVDecoder(model, use_cache=True, decode=decode), KVDecoder(model, use_cache=False)
+    cached, full = KVDecoder(model, use_cache=True, decode=decode, max_len=tokens.shape[1]), \
+        KVDecoder(model, use_cache=False)
     with torch.no_grad():
         for n in range(5, tokens.shape[1] + 1):  # prompt of 5, then well past the window
             torch.testing.assert_close(cached.next_logits(tokens[:, :n]), full.next_logits(tokens[:, :n]),
                                        rtol=0, atol=1e-10, msg=f"step with {n} tokens")
+    if decode == "trace":
+        assert cached.step.replay is not None  # the steps really ran from the trace
+
+
+class HostReadingGPT(GPT):
+    """A model whose step reads its position on the host: a trace would freeze that number."""
+
+    def forward(self, idx, targets=None, kv_caches=None, start_pos=0):
+        return super().forward(idx, targets, kv_caches, int(start_pos))
+
+
+def test_a_step_that_reads_the_host_is_not_traced_but_still_right(capsys):
+    base = tiny_model()
+    model = HostReadingGPT(base.cfg).double().eval()
+    model.load_state_dict(base.state_dict())
+    tokens = torch.randint(0, 50, (1, 3 * BLOCK), generator=torch.Generator().manual_seed(6))
+    traced, eager = KVDecoder(model, decode="trace"), KVDecoder(base)
+    with torch.no_grad():
+        for n in range(5, tokens.shape[1] + 1):
+            torch.testing.assert_close(traced.next_logits(tokens[:, :n]), eager.next_logits(tokens[:, :n]),
+                                       rtol=0, atol=1e-10, msg=f"step with {n} tokens")
+    assert traced.step.replay is None
+    assert "TorchScript trace failed (RuntimeError: the step reads a tensor on the host (test_generate.py:" \
+        in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -101,7 +127,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(arch):
             for n in range(5, tokens.shape[1] + 1):
                 a, b = graphed.next_logits(tokens[:, :n]).float(), dynamic.next_logits(tokens[:, :n]).float()
                 assert (a - b).abs().max() <= tol * b.abs().max(), (autocast, n)
-        assert graphed.step.graph is not None  # it really replayed a graph
+        assert graphed.step.replay is not None  # it really replayed a graph
 
 
 def test_gqa_caches_only_the_kv_heads():
@@ -293,6 +319,7 @@ def test_sample_generates_requested_tokens_with_summary(ckpt):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:") and len(r.stdout) == len("ROMEO:") + 40 + 1  # char level: 1 token, 1 char
     assert re.search(r"^generated 40 tokens in [\d.]+ s \([\d.]+ tokens/s\)$", r.stderr, re.M)
+    assert "failed" not in r.stderr  # the CPU's steps ran from their trace
     # 40 tokens after a 6-character prompt run past the 32-token window.
     slow = sample_here(ckpt, "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0", "--no-kv-cache")
     assert slow[1] == r.stdout
@@ -303,6 +330,7 @@ def test_sample_same_seed_same_text_and_batch(ckpt):
     code, out, err = sample_here(ckpt, *args)
     assert code == 0, err
     assert sample_here(ckpt, *args)[1] == out
+    assert sample_here(ckpt, *args, "--no-capture")[1] == out  # the traced steps draw the eager steps' tokens
     samples = out.split("-" * 40 + "\n")
     assert len(samples) == 4 and samples[-1] == "" and len(set(samples[:3])) == 3
     assert all(len(s) == 1 + 30 + 1 for s in samples[:3])
