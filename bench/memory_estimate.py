@@ -9,7 +9,8 @@ process's peak resident memory, the torch runtime included; on CUDA max_memory_a
 The estimate should be within 25% of the measurement.
 
 Shapes: small (configs/small.yaml), classic (configs/classic-cpu.yaml), 124m (configs/gpt2-124m.yaml
-with micro-batch 2 at context 1024, a few steps: what a CPU can run).
+with micro-batch 2 at context 1024, a few steps: what a CPU can run), 124m-lora (the same with
+rank-16 LoRA adapters: only they train, so gradients and optimizer state are theirs alone).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SHAPES = {
     "classic": ("configs/classic-cpu.yaml", ["train.max_iters=30", "train.eval_interval=10", "train.eval_batches=2"]),
     "124m": ("configs/gpt2-124m.yaml", ["train.batch_size=2", "train.grad_accum=1", "train.max_iters=4",
                                         "train.eval_interval=1000", "train.log_interval=1"]),
+    "124m-lora": ("configs/gpt2-124m.yaml", ["lora.rank=16", "train.batch_size=2", "train.grad_accum=1",
+                                             "train.max_iters=4", "train.eval_interval=1000", "train.log_interval=1"]),
 }
 
 
