@@ -134,11 +134,12 @@ class DecodeStep:
         for cache in self.caches:
             cache.fixed = fixed
         enabled, dtype = self.autocast
-        with torch.autocast(self.token.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            logits = self.model(self.token, kv_caches=self.caches, start_pos=self.start)[0][:, -1]
-        for cache in self.caches:
-            cache.fixed = None
-        return logits
+        try:
+            with torch.autocast(self.token.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+                return self.model(self.token, kv_caches=self.caches, start_pos=self.start)[0][:, -1]
+        finally:
+            for cache in self.caches:
+                cache.fixed = None
 
     def _capture_graph(self):
         side = torch.cuda.Stream()

@@ -73,6 +73,16 @@ def test_cached_logits_match_full_forward_every_step(arch, decode):
         assert cached.step.replay is not None  # the steps really ran from the trace
 
 
+def test_traced_steps_give_the_eager_steps_logits_bit_for_bit_in_float32():
+    model = tiny_model(**ARCHS["modern"]).float()
+    tokens = torch.randint(0, 50, (1, 3 * BLOCK), generator=torch.Generator().manual_seed(7))
+    traced, eager = (KVDecoder(model, decode=d, max_len=tokens.shape[1]) for d in ("trace", "static"))
+    with torch.no_grad():
+        for n in range(5, tokens.shape[1] + 1):
+            assert torch.equal(traced.next_logits(tokens[:, :n]), eager.next_logits(tokens[:, :n])), n
+    assert traced.step.replay is not None
+
+
 class HostReadingGPT(GPT):
     """A model whose step reads its position on the host: a trace would freeze that number."""
 
