@@ -180,7 +180,7 @@ class LanguageModel(nn.Module):
     def decoder(self, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0) -> Decoder:
         """Generation state for one batch. use_cache=False recomputes from scratch each token (the
         reference the cached path is checked against); decode and max_len are hints a family may
-        use (GPT: fixed-shape steps and CUDA graphs, tables sized for max_len positions)."""
+        use (GPT: fixed-shape steps, captured as CUDA graphs or traces; tables sized for max_len positions)."""
         return Recompute(self)
 
     def rows_decoder(self, capacity: int):
