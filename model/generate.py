@@ -72,9 +72,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling |
     has finished. A row finishes after yielding `eot_id`, or when the caller sets its entry
     in `finished` (a (B,) bool tensor it passed in, read before every step). Stops after
     max_new_tokens steps or when every row has finished. `use_cache` and `decode`: see the
-    family's decoder (model/base.py; GPT's "graph" needs CUDA, its "trace" is for the CPU). `steer`, when given, sees each
-    step's sampled tokens and returns the tokens to keep instead (forced tokens, e.g. a tool's
-    output: chat/agent.py); they go through the decoder like sampled ones, cache and all."""
+    family's decoder (model/base.py; GPT's "graph" needs CUDA, its "trace" is for the CPU).
+    `steer`, when given, sees each step's sampled tokens and returns the tokens to keep instead
+    (forced tokens, e.g. a tool's output: chat/agent.py); they go through the decoder like
+    sampled ones, cache and all."""
     model.eval()
     sampling = sampling or Sampling()
     B, N = idx.shape
