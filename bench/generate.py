@@ -197,7 +197,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="200 tokens, batch of 2: a smoke test")
     ap.add_argument("--sample-py", action="store_true", help="sample.py's summary line against nanoGPT's generate")
     ap.add_argument("--profile", action="store_true", help="what one cached token costs on the CPU")
-    ap.add_argument("--decode", default="dynamic", help="with --profile: dynamic | static | trace (sample.py's CPU default)")
+    ap.add_argument("--decode", default="dynamic",
+                    help="with --profile: dynamic | static | trace (sample.py's CPU default)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--also", action="append", default=[], metavar="ARGS",
                     help="with --sample-py: also time sample.py with these extra arguments, e.g. '--dtype bfloat16'")

@@ -101,7 +101,8 @@ def test_a_run_within_ten_percent_of_the_limit_warns(data, tmp_path, monkeypatch
 
 def test_a_lora_run_is_estimated_with_state_for_its_adapters_only(data, tmp_path):
     def estimate(*overrides):
-        cfg = load_config(train_args(data, tmp_path)[0], train_args(data, tmp_path, "optim.optimizer=adamw", *overrides)[1:])
+        args = train_args(data, tmp_path, "optim.optimizer=adamw", *overrides)
+        cfg = load_config(args[0], args[1:])
         rt, batch = setup_runtime(cfg.train), plan_batches(cfg.train, cfg.model.block_size, 1)
         return estimate_run(cfg, rt, Dist(), batch, vocab=64)
 
