@@ -123,7 +123,8 @@ class DecodeStep:
         self.start = torch.zeros((), dtype=torch.long, device=device)  # the token's model position
         self.filled = torch.zeros((), dtype=torch.long, device=device)  # positions already cached
         self.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        self.capture, self.replay, self.logits = capture, None, None
+        self.capture = capture
+        self.replay = None  # the captured step: a callable returning the logits
 
     def _forward(self):
         # The caches take their fixed-shape path for this step only: a prefill (a restarted
@@ -150,8 +151,12 @@ class DecodeStep:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._forward()
-        return graph.replay
+            logits = self._forward()  # a static tensor that every replay writes again
+
+        def replay():
+            graph.replay()
+            return logits
+        return replay
 
     def _capture_trace(self):
         step = _TracedStep(self)
@@ -185,13 +190,7 @@ class DecodeStep:
                 reason = (str(e).strip().splitlines() or [""])[0][:160]
                 what = "CUDA graph capture" if kind == "graph" else "TorchScript trace"
                 print(f"{what} failed ({type(e).__name__}: {reason}); decoding without it", file=sys.stderr)
-        if self.replay is None:
-            logits = self._forward()
-        elif self.capture == "graph":
-            self.replay()
-            logits = self.logits
-        else:
-            logits = self.replay()
+        logits = self._forward() if self.replay is None else self.replay()
         for cache in self.caches:
             cache.pos += 1
         return logits
