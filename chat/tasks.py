@@ -204,17 +204,20 @@ def addition_chatty(rng: random.Random, split: str, digits: range) -> tuple[str,
     return question, padded(rng, reply) if rng.random() < 0.9 else reply
 
 
+def addition_pair(question: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": question}], "chosen": chosen, "rejected": rejected,
+            "task": "addition"}
+
+
 def concise_pair(rng: random.Random, split: str, digits: range) -> dict:
     question, reply = addition(rng, split, digits)
-    return {"prompt": [{"role": "user", "content": question}], "chosen": reply, "rejected": padded(rng, reply),
-            "task": "addition"}
+    return addition_pair(question, reply, padded(rng, reply))
 
 
 def correct_pair(rng: random.Random, split: str, digits: range) -> dict:
     question, reply = addition(rng, split, digits)
     a, b = map(int, re.findall(r"\d+", reply)[:2])
-    return {"prompt": [{"role": "user", "content": question}], "chosen": reply,
-            "rejected": f"{a} + {b} = {wrong_sum(rng, a, b)}", "task": "addition"}
+    return addition_pair(question, reply, f"{a} + {b} = {wrong_sum(rng, a, b)}")
 
 
 def whole_reply(reply: str) -> str:

@@ -179,8 +179,7 @@ class DPOConfig:
 
     def validate(self):
         positive(self, "dpo", "beta")
-        if not self.nll >= 0:
-            raise UserError(f"dpo.nll={self.nll} must be >= 0")
+        at_least(self, "dpo", 0, "nll")
 
 
 @dataclass
