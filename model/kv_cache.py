@@ -211,6 +211,9 @@ class _TracedStep(torch.nn.Module):
         return self.forward_step()
 
 
+CAPTURES = ("graph", "trace")  # the decode modes whose one-token step DecodeStep captures
+
+
 class KVDecoder:
     """GPT's decoder (model/base.py): what the model sees of a growing token sequence, and its
     logits for the next token.
@@ -225,7 +228,9 @@ class KVDecoder:
 
     def __init__(self, model, use_cache: bool = True, decode: str = "dynamic", max_len: int = 0):
         self.model = model
-        if decode in ("graph", "trace") and model.rotary is not None:
+        if decode == "trace" and torch.is_autocast_enabled(next(model.parameters()).device.type):
+            decode = "dynamic"  # a trace would redo autocast's weight casts at every step
+        if decode in CAPTURES and model.rotary is not None:
             model.rotary.reserve(max_len)
         self.use_cache = use_cache
         self.decode = decode
@@ -269,11 +274,9 @@ class KVDecoder:
 
     def _feed(self, tokens, start_pos: int):
         new = tokens[:, self.fed:]
-        if self.decode == "trace" and torch.is_autocast_enabled(new.device.type):
-            self.decode = "dynamic"  # a trace would redo autocast's weight casts at every step
         if new.shape[1] == 1 and self.decode != "dynamic":
             if self.step is None:
-                capture = self.decode if self.decode in ("graph", "trace") else None
+                capture = self.decode if self.decode in CAPTURES else None
                 self.step = DecodeStep(self.model, self.caches, new.shape[0], new.device, capture)
             logits = self.step(new, start_pos)
         else:
